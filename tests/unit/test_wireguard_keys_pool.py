@@ -1,0 +1,317 @@
+"""Keys, the address pool and the parts of the backends that need neither root nor a network."""
+
+from __future__ import annotations
+
+import base64
+import time
+from ipaddress import IPv4Address
+
+import pytest
+
+from weft_core.errors import ExitCode, WeftError
+from weft_core.firewall import ServerIsolation, TunnelIsolation, table_name
+from weft_core.wireguard import AddressPool, PoolExhausted, backend, uapi
+from weft_core.wireguard.keys import (
+    generate_private_key,
+    hex_to_key,
+    key_to_hex,
+    public_key,
+    validate_public_key,
+)
+from weft_core.wireguard.model import Peer, split_endpoint
+
+# RFC 7748 section 6.1 test vector (Alice), base64 as `wg` would print it.
+ALICE_PRIVATE = base64.b64encode(
+    bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+).decode()
+ALICE_PUBLIC = base64.b64encode(
+    bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+).decode()
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+def test_public_key_matches_rfc7748_vector() -> None:
+    assert public_key(ALICE_PRIVATE) == ALICE_PUBLIC
+
+
+def test_generated_keys_look_like_wg_genkey() -> None:
+    private = generate_private_key()
+    assert len(private) == 44 and private.endswith("=")
+    assert len(base64.b64decode(private)) == 32
+    assert generate_private_key() != private
+    assert validate_public_key(public_key(private)) == public_key(private)
+
+
+def test_hex_round_trip() -> None:
+    assert key_to_hex(ALICE_PUBLIC) == (
+        "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    )
+    assert hex_to_key(key_to_hex(ALICE_PUBLIC)) == ALICE_PUBLIC
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "not base64!!",
+        base64.b64encode(b"x" * 31).decode(),
+        base64.b64encode(b"x" * 33).decode(),
+    ],
+)
+def test_malformed_keys_raise_value_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        public_key(bad)
+    with pytest.raises(ValueError):
+        key_to_hex(bad)
+
+
+def test_malformed_hex_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        hex_to_key("zz" * 32)
+    with pytest.raises(ValueError):
+        hex_to_key("ab" * 31)
+
+
+# --- pool -------------------------------------------------------------------------------
+
+
+def test_pool_basics() -> None:
+    pool = AddressPool()
+    assert pool.server_address == IPv4Address("10.1.0.1")
+    assert pool.server_interface == "10.1.0.1/16"
+    assert pool.allocate() == IPv4Address("10.1.0.2")
+    assert pool.allocate() == IPv4Address("10.1.0.3")
+    assert pool.in_use() == {IPv4Address("10.1.0.2"), IPv4Address("10.1.0.3")}
+
+
+def test_freed_address_is_reused_lowest_first() -> None:
+    pool = AddressPool("10.9.0.0/24")
+    addrs = [pool.allocate() for _ in range(5)]
+    pool.free(addrs[3])
+    pool.free(addrs[1])
+    assert pool.allocate() == addrs[1]
+    assert pool.allocate() == addrs[3]
+    assert pool.allocate() == IPv4Address("10.9.0.7")
+
+
+def test_free_is_forgiving_but_checks_range() -> None:
+    pool = AddressPool("10.9.0.0/24")
+    pool.free(IPv4Address("10.9.0.50"))  # never allocated: nothing happens
+    assert pool.allocate() == IPv4Address("10.9.0.2")
+    with pytest.raises(ValueError):
+        pool.free(IPv4Address("192.0.2.1"))
+
+
+def test_preferred_address() -> None:
+    pool = AddressPool("10.9.0.0/24")
+    assert pool.allocate(IPv4Address("10.9.0.77")) == IPv4Address("10.9.0.77")
+    # Taken, outside, or special: the lowest free one instead.
+    assert pool.allocate(IPv4Address("10.9.0.77")) == IPv4Address("10.9.0.2")
+    assert pool.allocate(IPv4Address("192.0.2.5")) == IPv4Address("10.9.0.3")
+    for special in ("10.9.0.0", "10.9.0.1", "10.9.0.255"):
+        assert pool.allocate(IPv4Address(special)) not in {IPv4Address(special)}
+    # The mark later walks past the preferred address instead of handing it out twice.
+    seen = {pool.allocate() for _ in range(80)}
+    assert IPv4Address("10.9.0.77") not in seen
+    pool.free(IPv4Address("10.9.0.77"))
+    assert pool.allocate(IPv4Address("10.9.0.77")) == IPv4Address("10.9.0.77")
+
+
+def test_reserve() -> None:
+    pool = AddressPool("10.9.0.0/24")
+    pool.reserve(IPv4Address("10.9.0.2"))
+    assert pool.allocate() == IPv4Address("10.9.0.3")
+    with pytest.raises(ValueError, match="already in use"):
+        pool.reserve(IPv4Address("10.9.0.2"))
+    with pytest.raises(ValueError):
+        pool.reserve(IPv4Address("10.9.0.1"))  # the server's
+    # A freed-then-reserved address must not come back out of the free list.
+    pool.free(IPv4Address("10.9.0.2"))
+    pool.reserve(IPv4Address("10.9.0.2"))
+    assert pool.allocate() == IPv4Address("10.9.0.4")
+
+
+def test_exhaustion_and_special_addresses() -> None:
+    pool = AddressPool("10.9.0.0/29")  # .0 net, .1 server, .2-.6 tunnels, .7 broadcast
+    got = [pool.allocate() for _ in range(5)]
+    assert got == [IPv4Address(f"10.9.0.{i}") for i in range(2, 7)]
+    with pytest.raises(PoolExhausted) as info:
+        pool.allocate()
+    assert isinstance(info.value, WeftError)
+    pool.free(got[2])
+    assert pool.allocate() == got[2]
+
+
+def test_smallest_pool() -> None:
+    pool = AddressPool("192.168.7.4/30")
+    assert pool.allocate() == IPv4Address("192.168.7.6")
+    with pytest.raises(PoolExhausted):
+        pool.allocate()
+
+
+def test_large_pool_allocates_fast() -> None:
+    pool = AddressPool("10.0.0.0/8")
+    start = time.perf_counter()
+    for _ in range(20000):
+        pool.allocate()
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize(
+    ("subnet", "message"),
+    [
+        ("10.1.0.0/31", "between /8 and /30"),
+        ("10.0.0.0/7", "between /8 and /30"),
+        ("fd00::/64", "only IPv4"),
+        ("banana", "invalid address pool"),
+        ("10.1.0.0/33", "invalid address pool"),
+    ],
+)
+def test_pool_validation(subnet: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AddressPool(subnet)
+
+
+def test_pool_accepts_host_bits() -> None:
+    assert AddressPool("10.1.0.1/16").server_address == IPv4Address("10.1.0.1")
+
+
+# --- backend selection (no root: the probes are replaced) --------------------------------
+
+
+def test_select_backend_falls_back_to_wireguard_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "kernel_available", lambda: False)
+    monkeypatch.setattr(backend, "wireguard_go_available", lambda: True)
+    assert backend.select_backend() == "wireguard-go"
+    with pytest.raises(WeftError) as info:
+        backend.select_backend("kernel")
+    assert info.value.exit_code == ExitCode.MISSING_DEPENDENCY
+    assert "modprobe wireguard" in info.value.message
+
+
+def test_select_backend_prefers_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "kernel_available", lambda: True)
+    monkeypatch.setattr(backend, "wireguard_go_available", lambda: True)
+    assert backend.select_backend() == "kernel"
+    assert backend.select_backend("wireguard-go") == "wireguard-go"
+
+
+def test_select_backend_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "kernel_available", lambda: False)
+    monkeypatch.setattr(backend, "wireguard_go_available", lambda: False)
+    for requested in ("auto", "wireguard-go"):
+        with pytest.raises(WeftError) as info:
+            backend.select_backend(requested)
+        assert info.value.exit_code == ExitCode.MISSING_DEPENDENCY
+        assert "apt-get install wireguard-go" in info.value.message
+
+
+def test_select_backend_unknown_name() -> None:
+    with pytest.raises(WeftError, match="auto, kernel, wireguard-go") as info:
+        backend.select_backend("boringtun")
+    assert info.value.exit_code == ExitCode.USAGE
+
+
+def test_unique_interface_name(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setattr(backend.links, "link_names", lambda: {"lo", "eth0"})
+    names = {backend.unique_interface_name("weftt") for _ in range(50)}
+    assert len(names) == 50
+    assert all(len(n) <= 15 and n.startswith("weftt") for n in names)
+    with pytest.raises(ValueError):
+        backend.unique_interface_name("muchtoolongprefix")
+
+
+# --- UAPI text and kernel netlink decoding ----------------------------------------------
+
+
+def test_uapi_peer_lines() -> None:
+    peer = Peer(ALICE_PUBLIC, ("10.1.0.5/32",), endpoint="[::1]:9093", persistent_keepalive=1)
+    assert uapi.peer_lines(peer) == [
+        f"public_key={key_to_hex(ALICE_PUBLIC)}",
+        "replace_allowed_ips=true",
+        "endpoint=[::1]:9093",
+        "persistent_keepalive_interval=1",
+        "allowed_ip=10.1.0.5/32",
+    ]
+    with pytest.raises(ValueError):
+        uapi.peer_lines(Peer(ALICE_PUBLIC, (), endpoint="example.com:80"))
+
+
+def test_uapi_parse_get() -> None:
+    pairs = [
+        ("private_key", "00" * 32),
+        ("listen_port", "9093"),
+        ("public_key", key_to_hex(ALICE_PUBLIC)),
+        ("endpoint", "198.51.100.2:4000"),
+        ("last_handshake_time_sec", "1700000000"),
+        ("last_handshake_time_nsec", "500000000"),
+        ("rx_bytes", "10"),
+        ("tx_bytes", "20"),
+        ("allowed_ip", "10.1.0.5/32"),
+        ("public_key", "11" * 32),
+    ]
+    assert uapi.parse_listen_port(pairs) == 9093
+    first, second = uapi.parse_peers(pairs)
+    assert first.public_key == ALICE_PUBLIC
+    assert first.endpoint == "198.51.100.2:4000"
+    assert (first.rx_bytes, first.tx_bytes, first.last_handshake) == (10, 20, 1700000000.5)
+    assert second.endpoint is None and second.last_handshake == 0
+
+
+def test_kernel_parse_device_from_pyroute2_messages() -> None:
+    from pyroute2.netlink.generic.wireguard import AsyncWireGuard, wgmsg
+
+    from weft_core.wireguard.kernel import parse_device, peer_request
+
+    msg = wgmsg()
+    msg["cmd"] = 0
+    msg["version"] = 1
+    msg["attrs"].append(["WGDEVICE_A_LISTEN_PORT", 9093])
+    # pyroute2's own encoder, as WireGuard.set() would use it with our request.
+    request = peer_request(Peer(ALICE_PUBLIC, ("10.1.0.5/32",), "198.51.100.2:4000", 5))
+    encoder = AsyncWireGuard.__new__(AsyncWireGuard)  # no socket: only the encoding helpers
+    encoder._wg_set_peer(msg, request)
+    msg.encode()
+    decoded = wgmsg(msg.data)
+    decoded.decode()
+    port, peers = parse_device([decoded])
+    assert port == 9093
+    assert peers[0].public_key == ALICE_PUBLIC
+    assert peers[0].endpoint == "198.51.100.2:4000"
+    assert peers[0].last_handshake == 0
+
+
+def test_split_endpoint() -> None:
+    assert split_endpoint("198.51.100.1:9093") == ("198.51.100.1", 9093)
+    assert split_endpoint("[::1]:9093") == ("::1", 9093)
+    for bad in ("198.51.100.1", "198.51.100.1:0", "host:80", "[::1]:x"):
+        with pytest.raises(ValueError):
+            split_endpoint(bad)
+
+
+# --- nftables ruleset text --------------------------------------------------------------
+
+
+def test_server_ruleset() -> None:
+    rules = ServerIsolation("wefts1234")._ruleset()
+    assert rules.startswith("table inet weft_wefts1234\ndelete table inet weft_wefts1234\n")
+    assert 'iifname "wefts1234" ct state established,related accept' in rules
+    assert 'oifname "wefts1234" drop' in rules
+
+
+def test_tunnel_ruleset() -> None:
+    iso = TunnelIsolation("weftt1", "10.1.0.1")
+    iso._tcp, iso._udp = frozenset({8080, 22}), frozenset()
+    rules = iso._ruleset()
+    assert 'iifname "weftt1" ip saddr 10.1.0.1 tcp dport { 22, 8080 } accept' in rules
+    assert "udp dport" not in rules
+    with pytest.raises(ValueError):
+        iso.apply({0}, set())
+
+
+def test_firewall_rejects_odd_interface_names() -> None:
+    with pytest.raises(ValueError):
+        ServerIsolation('x" drop; flush ruleset; "')
+    assert table_name("wg.0-a") == "weft_wg_0_a"

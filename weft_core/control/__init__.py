@@ -1,0 +1,1 @@
+"""The HTTPS control API: the server side (`api`) and the tunnel's client (`client`)."""

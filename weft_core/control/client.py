@@ -1,0 +1,146 @@
+"""The tunnel's client for the control API: login, then requests over the pinned certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ssl
+import time
+from typing import Any
+
+from .. import auth
+from ..errors import ApiError, ExitCode, WeftError
+from ..urls import ServerUrl
+from .http import read_message, render_request
+
+TIMEOUT = 10.0
+RENEW_BEFORE = 300.0  # log in again when the token has less than this left
+
+
+class LoginRefused(WeftError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.LOGIN_REFUSED)
+
+
+class ServerUnreachable(WeftError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.UNREACHABLE)
+
+
+def _tls_context() -> ssl.SSLContext:
+    # No CA can vouch for a self-hosted server: the login proves the server instead (it seals the
+    # challenge for the exact certificate we see), and we pin that certificate afterwards.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class ControlClient:
+    def __init__(self, server: ServerUrl, tunnel_id: str, timeout: float = TIMEOUT) -> None:
+        self.server = server
+        self.tunnel_id = tunnel_id
+        self.timeout = timeout
+        self._key = auth.derive_key(server.secret)
+        self._tls = _tls_context()
+        self.pinned: bytes | None = None
+        self.token: str | None = None
+        self.token_expires = 0.0
+
+    async def _exchange(
+        self, method: str, path: str, payload: Any, token: str | None
+    ) -> tuple[int, Any, bytes]:
+        """One request on a fresh TLS connection: (status, JSON body, certificate fingerprint)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.server.host, self.server.port, ssl=self._tls, server_hostname=None
+                )
+                try:
+                    ssl_object = writer.get_extra_info("ssl_object")
+                    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+                    if not der:
+                        raise ServerUnreachable("the server presented no TLS certificate")
+                    seen = auth.fingerprint(der)
+                    if self.pinned is not None and not hmac.compare_digest(seen, self.pinned):
+                        # Never send the token to a certificate the login did not prove.
+                        raise ApiError(
+                            495, "certificate_changed",
+                            "the server's TLS certificate changed since login",
+                        )
+                    writer.write(render_request(method, path, self.server.address, payload, token))
+                    await writer.drain()
+                    response = await read_message(reader, request=False)
+                finally:
+                    writer.close()
+        except TimeoutError:
+            raise ServerUnreachable(
+                f"no answer from {self.server.address} within {self.timeout:.0f}s"
+            ) from None
+        except ApiError as exc:
+            if exc.status == 495:
+                raise
+            raise ServerUnreachable(f"bad answer from {self.server.address}: {exc.message}") from None
+        except ssl.SSLError as exc:
+            raise ServerUnreachable(
+                f"TLS with {self.server.address} failed: {exc.reason or exc}"
+            ) from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise ServerUnreachable(f"cannot reach {self.server.address}: {reason}") from None
+        status = int(response.start[0]) if response.start[0].isdigit() else 0
+        try:
+            body = response.json()
+        except ApiError:
+            body = {}
+        return status, body, seen
+
+    async def login(self) -> None:
+        """Prove the secret both ways and get a token; pins the server's certificate."""
+        self.pinned = None
+        status, body, seen = await self._exchange("GET", "/login", None, None)
+        if status != 200:
+            self._raise(status, body, login=True)
+        try:
+            answer = auth.answer_challenge(self._key, str(body.get("challenge", "")), seen)
+        except auth.AuthError as exc:
+            raise LoginRefused(str(exc)) from None
+        self.pinned = seen  # the answer goes only to the certificate that proved itself
+        status, body, _ = await self._exchange(
+            "POST",
+            "/login",
+            {"challenge_id": body.get("challenge_id"), "answer": answer, "tunnel": self.tunnel_id},
+            None,
+        )
+        if status != 200:
+            self._raise(status, body, login=True)
+        self.token = str(body["token"])
+        self.token_expires = time.monotonic() + float(body.get("expires_in", 0))
+
+    def token_due(self) -> bool:
+        return self.token is None or time.monotonic() > self.token_expires - RENEW_BEFORE
+
+    async def call(self, method: str, path: str, payload: Any = None) -> Any:
+        """An authenticated request; ApiError for a 4xx, after one re-login if the token lapsed."""
+        if self.token_due():
+            await self.login()
+        status, body, _ = await self._exchange(method, path, payload, self.token)
+        if status == 401:
+            await self.login()
+            status, body, _ = await self._exchange(method, path, payload, self.token)
+        if not 200 <= status < 300:
+            self._raise(status, body)
+        return body
+
+    @staticmethod
+    def _raise(status: int, body: Any, login: bool = False) -> None:
+        code = str(body.get("error", "error")) if isinstance(body, dict) else "error"
+        message = str(body.get("message", "")) if isinstance(body, dict) else ""
+        if login and status == 401:
+            raise LoginRefused(f"the server refused the secret: {message or code}")
+        if login and status == 429:
+            raise LoginRefused(f"the server is refusing logins from this address: {message}")
+        if status >= 500 or status == 0:
+            raise ServerUnreachable(f"the server failed ({status} {code}): {message}")
+        raise ApiError(status, code, message or code)

@@ -1,0 +1,369 @@
+"""The server's lifecycle: state, WireGuard, isolation, the control API, reaping, shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import random
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+
+from . import auth
+from .control.api import ControlApi
+from .errors import ApiError, ExitCode, WeftError
+from .firewall import ServerIsolation, check_nftables
+from .netctx import HOST_NET, NetContext
+from .plugins import PluginHost
+from .registry import Registry, TunnelRecord
+from .relay import ConnectionSummary
+from .settings import ServerSettings
+from .state import StateDir, make_tls_certificate, write_private
+from .urls import RouteUrl, format_host_port
+from .wireguard import AddressPool, WireGuardInterface, unique_interface_name
+from .wireguard.keys import generate_private_key, public_key
+
+log = logging.getLogger("weft.server")
+
+REAP_INTERVAL = 2.0
+
+
+class RouteContext:
+    """The `ServerContext` a plugin gets while it opens one route's public side."""
+
+    def __init__(self, server: Server, tunnel: TunnelRecord, forwarder_port: int) -> None:
+        self._server = server
+        self.net: NetContext = HOST_NET
+        self.wireguard_net: NetContext = HOST_NET
+        self.bind_address = tunnel.realm
+        self.tunnel_name = tunnel.name
+        self.tunnel_address = tunnel.address
+        self.forwarder_port = forwarder_port
+        self.options = server.options
+        self.log = logging.getLogger(f"weft.server.{tunnel.name}")
+
+    def public_host(self, remote: RouteUrl) -> str:
+        host = remote.host or self.bind_address
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ApiError(
+                403, "bad_host", f"{remote}: the remote host must be one of the server's addresses"
+            ) from None
+        if host == self.bind_address:
+            return host
+        if self._server.per_ip_secrets or host not in self._server.settings.bind_ips:
+            raise ApiError(
+                403,
+                "host_not_allowed",
+                f"{remote}: this tunnel may publish on {self.bind_address} only "
+                "(leave the host empty, like tcp://:15432, to use it)",
+            )
+        return host
+
+    def bind_public_port(
+        self, transport: str, host: str, port: int, bind: Callable[[int], socket.socket]
+    ) -> socket.socket:
+        return self._server.bind_public_port(transport, host, port, bind)
+
+    def connection_closed(self, summary: ConnectionSummary) -> None:
+        if self._server.settings.verbose:
+            self.log.info(
+                "tunnel %s: %s closed (%s): %d bytes in, %d bytes out, %.1fs",
+                self.tunnel_name, summary.peer, summary.reason,
+                summary.bytes_in, summary.bytes_out, summary.duration,
+            )
+
+
+class Server:
+    def __init__(self, settings: ServerSettings, options: argparse.Namespace, host: PluginHost):
+        self.settings = settings
+        self.options = options
+        self.plugins = host
+        self.registry = Registry()
+        self.pool = AddressPool(str(settings.subnet))
+        self.server_address = str(self.pool.server_address)
+        self.per_ip_secrets = False
+        self.state = StateDir(settings.state_dir)
+        self.interface: WireGuardInterface | None = None
+        self.isolation: ServerIsolation | None = None
+        self._listeners: list[asyncio.Server] = []
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()  # registry changes that await (opening endpoints) run one at a time
+
+    # --- start -------------------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        self.secret = self.state.text("secret", auth.new_secret)
+        if len(self.secret) < 43:
+            raise WeftError(f"{self.state.file('secret')} holds a secret shorter than 32 bytes")
+        self.wireguard_key = self.state.text("wireguard.key", generate_private_key)
+        self.wireguard_public_key = public_key(self.wireguard_key)
+        self.token_key = self.state.load_or_create("token.key", lambda: auth.secrets.token_bytes(32))
+        cert_pem = self.state.load_or_create(
+            "control.crt", lambda: self._make_certificate()
+        )
+        self.cert_file = self.state.file("control.crt")
+        self.key_file = self.state.file("control.key")
+        if not self.key_file.exists():
+            raise WeftError(f"{self.key_file} is missing; delete {self.cert_file} to make a new pair")
+        der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
+        self.fingerprint = auth.fingerprint(der)
+        self.tokens = auth.TokenIssuer(self.token_key)
+
+    def _make_certificate(self) -> bytes:
+        cert, key = make_tls_certificate(list(self.settings.bind_ips))
+        write_private(self.state.file("control.key"), key)
+        return cert
+
+    def _write_secret_file(self) -> None:
+        path = self.settings.secret_file
+        if path is None:
+            return
+        try:
+            write_private(path, (self.secret + "\n").encode())
+        except OSError as exc:
+            raise WeftError(f"cannot write the secret to {path}: {exc.strerror}") from None
+
+    async def start(self) -> None:
+        self._load_state()
+        if self.settings.isolation:
+            check_nftables()
+        else:
+            log.warning(
+                "running WITHOUT peer isolation (--no-isolation): tunnels can reach services on "
+                "this host over WireGuard and each other"
+            )
+        name = unique_interface_name("wefts")
+        self.interface = await asyncio.to_thread(
+            WireGuardInterface.create,
+            name,
+            self.wireguard_key,
+            f"{self.server_address}/{self.settings.subnet.prefixlen}",
+            listen_port=self.settings.wireguard_port,
+            backend=self.settings.wireguard_backend,
+        )
+        if self.settings.isolation:
+            self.isolation = ServerIsolation(name)
+            self.isolation.apply()
+        api = ControlApi(self)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        for ip in self.settings.bind_ips:
+            try:
+                listener = await asyncio.start_server(
+                    api.handle, ip, self.settings.port, ssl=context, reuse_address=True,
+                    ssl_handshake_timeout=10,
+                )
+            except OSError as exc:
+                raise WeftError(
+                    f"cannot listen on {format_host_port(ip, self.settings.port)}: {exc.strerror}"
+                    + (" (another weft server?)" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
+            self._listeners.append(listener)
+        self._write_secret_file()
+        self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
+        self._announce()
+        self.plugins.hook.weft_server_started(server=self)
+
+    def _announce(self) -> None:
+        assert self.interface is not None
+        out = sys.stdout
+        print(f"weft server: WireGuard {self.interface.name} ({self.interface.backend_name}) "
+              f"{self.server_address}/{self.settings.subnet.prefixlen}, "
+              f"UDP port {self.settings.wireguard_port}", file=out)
+        print(f"weft server: connection secret: {self.secret}", file=out)
+        if self.settings.secret_file:
+            print(f"weft server: secret written to {self.settings.secret_file}", file=out)
+        for ip in self._advertised_ips():
+            address = format_host_port(ip, self.settings.port)
+            port_part = "" if self.settings.port == 9092 else f":{self.settings.port}"
+            host_part = f"[{ip}]" if ":" in ip else ip
+            print(f"weft server: listening on {address}; connect a tunnel with:", file=out)
+            print(f"  weft tunnel weft://{self.secret}@{host_part}{port_part} LOCAL_URL REMOTE_URL",
+                  file=out)
+        out.flush()
+
+    def _advertised_ips(self) -> list[str]:
+        ips = [ip for ip in self.settings.bind_ips if not ipaddress.ip_address(ip).is_unspecified]
+        if ips:
+            return ips
+        return local_addresses(self.settings.subnet) or list(self.settings.bind_ips)
+
+    def secret_for(self, local_address: str) -> str:
+        """The connection secret for logins arriving at `local_address`."""
+        return self.secret
+
+    def route_context(self, tunnel: TunnelRecord, forwarder_port: int) -> RouteContext:
+        return RouteContext(self, tunnel, forwarder_port)
+
+    # --- port policy -------------------------------------------------------------------------
+
+    def reserved_ports(self, transport: str) -> dict[int, str]:
+        return {
+            self.settings.port: "the control port",
+            self.settings.wireguard_port: "the WireGuard port",
+        }
+
+    def bind_public_port(
+        self, transport: str, host: str, port: int, bind: Callable[[int], socket.socket]
+    ) -> socket.socket:
+        reserved = self.reserved_ports(transport)
+        if port == 0:
+            return self._bind_any(transport, host, reserved, bind)
+        if port in reserved:
+            raise ApiError(
+                403, "port_reserved", f"port {port}/{transport} is {reserved[port]} of this server"
+            )
+        if not self.settings.port_allowed(port):
+            raise ApiError(
+                403,
+                "port_not_allowed",
+                f"port {port}/{transport} is outside the ports this server allows "
+                f"({format_ranges(self.settings.allow_ports)}; see --allow-ports)",
+            )
+        try:
+            return bind(port)
+        except OSError as exc:
+            raise self._bind_error(transport, host, port, exc) from None
+
+    def _bind_any(
+        self, transport: str, host: str, reserved: dict[int, str], bind: Callable[[int], socket.socket]
+    ) -> socket.socket:
+        candidates = [
+            p for lo, hi in self.settings.allow_ports for p in (random.randint(lo, hi),)
+        ] + [random.choice(self._all_allowed()) for _ in range(64)]
+        for port in candidates:
+            if port in reserved:
+                continue
+            try:
+                return bind(port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise self._bind_error(transport, host, port, exc) from None
+        raise ApiError(409, "no_free_port", f"no free {transport} port in the allowed ranges")
+
+    def _all_allowed(self) -> list[int]:
+        if not hasattr(self, "_allowed_cache"):
+            self._allowed_cache = [p for lo, hi in self.settings.allow_ports for p in range(lo, hi + 1)]
+        return self._allowed_cache
+
+    @staticmethod
+    def _bind_error(transport: str, host: str, port: int, exc: OSError) -> ApiError:
+        where = f"{format_host_port(host, port)}/{transport}"
+        if exc.errno == errno.EADDRINUSE:
+            return ApiError(409, "port_in_use", f"{where} is already in use (another tunnel or program)")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return ApiError(403, "bad_host", f"{host} is not an address of this server")
+        if exc.errno == errno.EACCES:
+            return ApiError(403, "port_not_allowed", f"{where}: permission denied")
+        return ApiError(409, "bind_failed", f"cannot bind {where}: {exc.strerror}")
+
+    # --- tunnels -----------------------------------------------------------------------------
+
+    async def remove_tunnel(self, tunnel_id: str, reason: str, drain: float = 0.0) -> None:
+        record = self.registry.remove(tunnel_id)
+        if record is None:
+            return
+        await asyncio.gather(
+            *(self.close_route(record, route_id, drain) for route_id in list(record.routes))
+        )
+        if self.interface is not None:
+            with contextlib.suppress(Exception):
+                self.interface.remove_peer(record.public_key)
+        self.pool.free(ipaddress.IPv4Address(record.address))
+        log.info("tunnel %s: removed (%s); %s freed", record.name, reason, record.address)
+
+    async def close_route(self, record: TunnelRecord, route_id: str, drain: float = 0.0) -> None:
+        route = record.routes.pop(route_id, None)
+        if route is None:
+            return
+        try:
+            await route.published.endpoint.close(drain)
+        except Exception:
+            log.exception("tunnel %s: closing %s failed", record.name, route.published.public_url)
+        self.plugins.hook.weft_route_closed(tunnel_name=record.name, route=route.route)
+        log.info("tunnel %s: %s closed", record.name, route.published.public_url)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            deadline = time.time() - self.settings.health_timeout
+            for record in self.registry.silent_since(deadline):
+                async with self._lock:
+                    if self.registry.get(record.id) is record:
+                        await self.remove_tunnel(record.id, "no health check for "
+                                                 f"{self.settings.health_timeout:.0f}s")
+
+    # --- stop --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve_until_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        log.info("stopping: closing listeners, draining connections for up to %.0fs",
+                 self.settings.drain_timeout)
+        for listener in self._listeners:
+            listener.close()
+        if getattr(self, "_reaper", None) is not None:
+            self._reaper.cancel()
+        with contextlib.suppress(Exception):
+            self.plugins.hook.weft_server_stopping(server=self)
+        await asyncio.gather(
+            *(self.remove_tunnel(t.id, "server stopping", self.settings.drain_timeout)
+              for t in self.registry)
+        )
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove firewall rules and the interface; safe to call twice and after a failed start."""
+        if self.isolation is not None:
+            self.isolation.close()
+            self.isolation = None
+        if self.interface is not None:
+            self.interface.close()
+            self.interface = None
+
+
+def format_ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ranges)
+
+
+def local_addresses(overlay: ipaddress.IPv4Network) -> list[str]:
+    """This host's non-loopback IPv4 addresses, to print ready-to-paste commands."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            found = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
+    except Exception:
+        return []
+    return [
+        a for a in found
+        if a and not ipaddress.ip_address(a).is_loopback and ipaddress.ip_address(a) not in overlay
+    ]
+
+
+async def run_server(settings: ServerSettings, options: argparse.Namespace, host: PluginHost) -> int:
+    server = Server(settings, options, host)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        await server.start()
+        await server.serve_until_stopped()
+        await server.stop()
+    finally:
+        server.cleanup()
+    log.info("stopped")
+    return ExitCode.OK

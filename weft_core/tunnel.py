@@ -1,0 +1,313 @@
+"""The tunnel's lifecycle: log in, connect, bring up WireGuard and forwarders, publish routes,
+send health checks, and on any loss reconnect with capped exponential backoff and jitter."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import secrets
+import signal
+import socket
+import sys
+import time
+
+
+import attrs
+
+from .control.client import ControlClient, LoginRefused, ServerUnreachable
+from .errors import ApiError, ExitCode, WeftError
+from .firewall import TunnelIsolation, check_nftables
+from .netctx import HOST_NET, NetContext
+from .plugins import PluginHost
+from .protocol import Endpoint, Route, TunnelProtocol
+from .relay import ConnectionSummary
+from .settings import TunnelSettings
+from .urls import RouteUrl, format_host_port
+from .wireguard import Peer, WireGuardInterface, unique_interface_name
+from .wireguard.keys import generate_private_key, public_key
+
+log = logging.getLogger("weft.tunnel")
+
+HANDSHAKE_TIMEOUT = 10.0
+RULE_PRIORITY = 5000
+
+
+class RouteRefused(WeftError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.ROUTE_REFUSED)
+
+
+class SessionLost(Exception):
+    """The server went away or forgot us: reconnect."""
+
+
+def say(message: str) -> None:
+    """A line for the person at the terminal (stdout); logs go to stderr."""
+    print(message, file=sys.stdout, flush=True)
+
+
+@attrs.define
+class ActiveRoute:
+    route: Route
+    protocol: TunnelProtocol
+    reclaim: RouteUrl  # what to ask for next time: the remote as actually bound
+    forwarder: Endpoint | None = None
+    forwarder_port: int = 0
+    route_id: str | None = None
+    public_url: str | None = None
+
+
+class ForwarderContext:
+    """The `TunnelContext` a plugin gets while it opens a forwarder."""
+
+    def __init__(self, tunnel: Tunnel, address: str, server_address: str) -> None:
+        self.wireguard_net: NetContext = HOST_NET
+        self.local_net: NetContext = HOST_NET
+        self.address = address
+        self.server_address = server_address
+        self.tunnel_name = tunnel.name
+        self.options = tunnel.options
+        self.log = log
+        self._verbose = tunnel.settings.verbose
+
+    def connection_closed(self, summary: ConnectionSummary) -> None:
+        if self._verbose:
+            log.info(
+                "tunnel %s: connection %s closed (%s): %d bytes in, %d bytes out, %.1fs",
+                self.tunnel_name, summary.peer, summary.reason,
+                summary.bytes_in, summary.bytes_out, summary.duration,
+            )
+
+
+class Tunnel:
+    def __init__(self, settings: TunnelSettings, options: argparse.Namespace, host: PluginHost):
+        self.settings = settings
+        self.options = options
+        self.plugins = host
+        self.id = "t-" + secrets.token_hex(16)  # known only to this process and the server
+        self.name = settings.name
+        self.client = ControlClient(settings.server, self.id)
+        self.private_key = generate_private_key()
+        self.routes: list[ActiveRoute] = []
+        for spec in settings.routes:
+            protocol = host.protocol(spec.remote.scheme)
+            route = protocol.validate(Route(spec.local, spec.remote))
+            route = Route(route.local, route.remote, protocol.route_options(route, options))
+            self.routes.append(ActiveRoute(route=route, protocol=protocol, reclaim=route.remote))
+        self.address: str | None = None
+        self.interface: WireGuardInterface | None = None
+        self.isolation: TunnelIsolation | None = None
+        self._stop = asyncio.Event()
+
+    # --- one session -------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        server = self.settings.server
+        await self.client.login()
+        answer = await self.client.call("POST", "/connect", {
+            "public_key": public_key(self.private_key),
+            "name": self.name,
+            "address": self.address or "",
+        })
+        self.address = address = str(ipaddress.IPv4Address(answer["address"]))
+        server_address = str(ipaddress.IPv4Address(answer["server_address"]))
+        self.interface = iface = await asyncio.to_thread(
+            WireGuardInterface.create,
+            unique_interface_name("weftt"),
+            self.private_key,
+            f"{address}/32",
+            backend=self.settings.wireguard_backend,
+        )
+        endpoint_host = await _resolve(server.host)
+        iface.set_peer(Peer(
+            public_key=str(answer["server_public_key"]),
+            allowed_ips=(f"{server_address}/32",),
+            endpoint=format_host_port(endpoint_host, int(answer["wireguard_port"])),
+            persistent_keepalive=int(answer.get("keepalive", 15)),
+        ))
+        # Per-tunnel table and source rule: two tunnels on one host both reach "their" server .1.
+        table = 0x57460000 | (int(ipaddress.IPv4Address(address)) & 0xFFFF)
+        iface.add_route(f"{server_address}/32", table=table)
+        iface.add_source_rule(address, table=table, priority=RULE_PRIORITY)
+        await self._wait_for_handshake(iface, endpoint_host, int(answer["wireguard_port"]))
+
+        ctx = ForwarderContext(self, address, server_address)
+        for active in self.routes:
+            active.forwarder, active.forwarder_port = await active.protocol.open_tunnel_forwarder(
+                active.route, ctx
+            )
+        if self.settings.isolation:
+            self.isolation = TunnelIsolation(iface.name, server_address)
+            self.isolation.apply(
+                tcp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "tcp"},
+                udp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "udp"},
+            )
+        await self._publish_routes()
+
+    async def _wait_for_handshake(self, iface: WireGuardInterface, host: str, port: int) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        while time.monotonic() < deadline:
+            if any(p.last_handshake > 0 for p in iface.peers()):
+                return
+            await asyncio.sleep(0.05)
+        raise ServerUnreachable(
+            f"no WireGuard handshake with {format_host_port(host, port)} within "
+            f"{HANDSHAKE_TIMEOUT:.0f}s: is UDP port {port} open on the server?"
+        )
+
+    async def _publish_routes(self) -> None:
+        refused = []
+        for active in self.routes:
+            try:
+                answer = await self.client.call("POST", "/routes", {
+                    "local": str(active.route.local),
+                    "remote": str(active.reclaim),
+                    "forwarder_port": active.forwarder_port,
+                    "options": dict(active.route.options),
+                })
+            except ApiError as exc:
+                refused.append(f"{active.route.remote}: {exc.message}")
+                say(f"refused  {active.route.remote} -> {active.route.local}: {exc.message}")
+                continue
+            active.route_id = str(answer["id"])
+            active.public_url = str(answer["public_url"])
+            with contextlib.suppress(WeftError):
+                from .urls import parse_route_url
+
+                active.reclaim = parse_route_url(str(answer["remote"]))
+            say(f"ready  {active.public_url} -> {active.route.local}")
+        if refused and len(refused) == len(self.routes):
+            raise RouteRefused("the server refused every route: " + "; ".join(refused))
+
+    async def _health_loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.health_interval):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
+            try:
+                await self.client.call("POST", "/healthcheck", {})
+            except ServerUnreachable as exc:
+                raise SessionLost(exc.message) from None
+            except LoginRefused as exc:
+                raise SessionLost(exc.message) from None
+            except ApiError as exc:
+                raise SessionLost(f"the server dropped this tunnel ({exc.message})") from None
+
+    async def _teardown(self) -> None:
+        for active in self.routes:
+            if active.forwarder is not None:
+                with contextlib.suppress(Exception):
+                    await active.forwarder.close()
+                active.forwarder = None
+            active.route_id = None
+        if self.isolation is not None:
+            self.isolation.close()
+            self.isolation = None
+        if self.interface is not None:
+            self.interface.close()
+            self.interface = None
+
+    async def _goodbye(self) -> None:
+        if self.client.token is None:
+            return
+        self.client.timeout = 2.0
+        with contextlib.suppress(WeftError, ApiError):
+            await self.client.call("DELETE", "/connect")
+
+    # --- the whole life ----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        if self.settings.isolation:
+            check_nftables()
+        else:
+            log.warning("running WITHOUT isolation (--no-isolation): the server can reach every "
+                        "service on this host over WireGuard")
+        say(f"weft tunnel {self.name}: connecting to {self.settings.server.address}")
+        attempt = 0
+        connected_once = False
+        while not self._stop.is_set():
+            try:
+                session = asyncio.create_task(self._connect())
+                stopper = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not session.done():
+                    session.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await session
+                    break
+                session.result()
+                if attempt:
+                    say(f"weft tunnel {self.name}: reconnected after {attempt} attempt(s)")
+                attempt = 0
+                connected_once = True
+                self.plugins.hook.weft_tunnel_connected(tunnel=self)
+                await self._health_loop()
+            except (LoginRefused, RouteRefused) as exc:
+                if not connected_once or isinstance(exc, LoginRefused):
+                    await self._teardown()
+                    raise
+                reason = exc.message
+            except ServerUnreachable as exc:
+                if not connected_once and not self.options.keep_trying:
+                    await self._teardown()
+                    raise
+                reason = exc.message
+            except SessionLost as exc:
+                reason = str(exc)
+            except ApiError as exc:
+                if not connected_once and 400 <= exc.status < 500:
+                    await self._teardown()
+                    raise WeftError(f"the server refused: {exc.message}", ExitCode.ROUTE_REFUSED) \
+                        from None
+                reason = exc.message
+            if self._stop.is_set():
+                break
+            await self._teardown()
+            self.plugins.hook.weft_tunnel_disconnected(tunnel=self)
+            attempt += 1
+            delay = min(self.settings.max_backoff, 0.5 * 2 ** min(attempt, 10))
+            delay *= random.uniform(0.5, 1.0)
+            say(f"weft tunnel {self.name}: {reason}; reconnecting in {delay:.1f}s "
+                f"(attempt {attempt})")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+        await self._goodbye()
+        await self._teardown()
+        say(f"weft tunnel {self.name}: stopped")
+        return ExitCode.OK
+
+
+async def _resolve(host: str) -> str:
+    """The server's address for WireGuard (which wants an IP, not a name)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    return str(infos[0][4][0])
+
+
+async def run_tunnel(settings: TunnelSettings, options: argparse.Namespace, host: PluginHost) -> int:
+    tunnel = Tunnel(settings, options, host)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, tunnel.request_stop)
+    try:
+        return await tunnel.run()
+    finally:
+        await tunnel._teardown()
+
+

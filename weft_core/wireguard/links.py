@@ -1,0 +1,162 @@
+"""Links, addresses, routes and rules through pyroute2's IPRoute (never the `ip` tool).
+
+Every function opens its own IPRoute on the worker thread (see `worker`), so it acts on the
+network namespace the process is in, e.g. the one `ip netns exec` put it in.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from ipaddress import ip_interface, ip_network
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from weft_core.wireguard import worker
+
+# Errors that mean "already gone" when deleting: cleanup must not fail on them.
+_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
+
+
+def _family(version: int) -> int:
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def link_index(name: str) -> int | None:
+    def op() -> int | None:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+        return int(found[0]) if found else None
+
+    return worker.run(op)
+
+
+def link_names() -> set[str]:
+    def op() -> set[str]:
+        with IPRoute() as ipr:
+            return {str(link.get("ifname")) for link in ipr.get_links()}
+
+    return worker.run(op)
+
+
+def create_wireguard_link(name: str) -> None:
+    """`ip link add NAME type wireguard`; NetlinkError(EOPNOTSUPP) when the module is missing."""
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=name, kind="wireguard")
+
+    worker.run(op)
+
+
+def delete_link(name: str) -> None:
+    """Delete a link if it exists."""
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                return
+            try:
+                ipr.link("del", index=found[0])
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise
+
+    worker.run(op)
+
+
+def configure_link(name: str, address: str) -> int:
+    """Add `address` (e.g. "10.1.0.1/16") to the link and bring it up; return its index."""
+    iface = ip_interface(address)
+
+    def op() -> int:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise RuntimeError(f"interface {name} vanished while being configured")
+            index = int(found[0])
+            ipr.addr(
+                "add",
+                index=index,
+                family=_family(iface.version),
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+            )
+            ipr.link("set", index=index, state="up")
+            return index
+
+    return worker.run(op)
+
+
+def _route_spec(destination: str, index: int, table: int | None) -> dict[str, object]:
+    net = ip_network(destination, strict=False)
+    spec: dict[str, object] = {
+        "family": _family(net.version),
+        "dst": str(net.network_address),
+        "dst_len": net.prefixlen,
+        "oif": index,
+    }
+    if table is not None:
+        spec["table"] = table
+    return spec
+
+
+def add_route(destination: str, index: int, table: int | None) -> None:
+    spec = _route_spec(destination, index, table)
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            ipr.route("add", **spec)
+
+    worker.run(op)
+
+
+def delete_route(destination: str, index: int, table: int | None) -> None:
+    spec = _route_spec(destination, index, table)
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.route("del", **spec)
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise
+
+    worker.run(op)
+
+
+def _rule_spec(source: str, table: int, priority: int) -> dict[str, object]:
+    net = ip_network(source, strict=False)
+    return {
+        "family": _family(net.version),
+        "src": str(net.network_address),
+        "src_len": net.prefixlen,
+        "table": table,
+        "priority": priority,
+    }
+
+
+def add_rule(source: str, table: int, priority: int) -> None:
+    spec = _rule_spec(source, table, priority)
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            ipr.rule("add", **spec)
+
+    worker.run(op)
+
+
+def delete_rule(source: str, table: int, priority: int) -> None:
+    spec = _rule_spec(source, table, priority)
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.rule("del", **spec)
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise
+
+    worker.run(op)
