@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine (as root) for Weft development, tests and the demo:
+# system packages, then a virtual environment with Weft, its plugins and the test tools.
+# Idempotent and quick to re-run: apt is skipped when everything is installed, pip when the
+# project files have not changed since the last successful install.
+#
+#   WEFT_VENV   where the virtual environment goes (default: .venv in the repository)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=${WEFT_VENV:-$ROOT/.venv}
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+APT_PACKAGES=(wireguard-go wireguard-tools nftables iproute2 pebble iperf3 socat dnsmasq-base
+              curl openssl procps python3-venv)
+# One binary per package above (python3-venv is checked through dpkg only).
+BINARIES=(wireguard-go wg nft ip pebble iperf3 socat dnsmasq curl openssl ps)
+
+have_binaries() {
+    local bin
+    for bin in "${BINARIES[@]}"; do
+        PATH="$PATH:/usr/sbin:/sbin" command -v "$bin" >/dev/null 2>&1 || return 1
+    done
+}
+
+packages_installed() {
+    command -v dpkg-query >/dev/null 2>&1 || return 0   # not Debian: trust the binaries
+    local status
+    status=$(dpkg-query -W -f='${db:Status-Status}\n' "${APT_PACKAGES[@]}" 2>/dev/null) || return 1
+    [ "$(grep -c '^installed$' <<<"$status")" -eq "${#APT_PACKAGES[@]}" ]
+}
+
+# --- system packages -------------------------------------------------------------------------
+if have_binaries && packages_installed; then
+    say "system packages already installed"
+else
+    [ "$(id -u)" -eq 0 ] || die "system packages are missing and we are not root: run as root"
+    command -v apt-get >/dev/null 2>&1 || die "no apt-get: install ${APT_PACKAGES[*]} by hand"
+    say "installing system packages: ${APT_PACKAGES[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
+    have_binaries || die "packages installed but some of ${BINARIES[*]} are still missing"
+fi
+
+# --- Python ----------------------------------------------------------------------------------
+python_ok() {  # usage: python_ok EXECUTABLE -> true if it is Python >= 3.11 with venv
+    "$1" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+}
+
+PYTHON=""
+for candidate in python3 python3.13 python3.12 python3.11 /usr/bin/python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+        PYTHON=$(command -v "$candidate")
+        break
+    fi
+done
+[ -n "$PYTHON" ] || die "no Python >= 3.11 found (install python3 and python3-venv)"
+
+if [ -x "$VENV/bin/python" ] && ! python_ok "$VENV/bin/python"; then
+    say "removing broken or too old virtual environment $VENV"
+    rm -rf "$VENV"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV with $PYTHON ($("$PYTHON" --version 2>&1))"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# --- Weft and its plugins (editable) ---------------------------------------------------------
+PIP_ARGS=(-e ".[test]" -e plugins/weft_tcp)
+for plugin in plugins/weft_udp plugins/weft_http; do
+    if [ -f "$plugin/pyproject.toml" ]; then
+        PIP_ARGS+=(-e "$plugin")
+    fi
+done
+
+# Re-install only when a pyproject.toml (or the set of packages) changed.
+stamp_file="$VENV/.weft-setup-stamp"
+stamp=$({ printf '%s\n' "${PIP_ARGS[@]}"; cat pyproject.toml plugins/*/pyproject.toml 2>/dev/null; } \
+        | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && [ -x "$VENV/bin/weft" ]; then
+    say "Python packages up to date in $VENV"
+else
+    say "installing Weft into $VENV: ${PIP_ARGS[*]}"
+    rm -f "$stamp_file"
+    pip_log=$(mktemp)
+    trap 'rm -f "$pip_log"' EXIT
+    status=0
+    "$VENV/bin/python" -m pip install -q "${PIP_ARGS[@]}" 2>"$pip_log" || status=$?
+    # Show pip's messages except this machine's notes about absent local package folders.
+    grep -v "^WARNING: Location 'file:.*is ignored" "$pip_log" >&2 || true
+    [ "$status" -eq 0 ] || die "pip install failed (exit $status)"
+    printf '%s\n' "$stamp" >"$stamp_file"
+fi
+
+say "ready: activate with 'source ${VENV#"$ROOT"/}/bin/activate'"

@@ -1,0 +1,76 @@
+"""Helpers to run real `weft` processes in a `netns.Lab`: a server, tunnels, and what they print."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+from netns import Host, Lab, Proc
+
+WEFT = str(Path(sys.executable).parent / "weft")
+SERVER_IP = "198.51.100.1"
+
+
+@attrs.define
+class ServerProc:
+    proc: Proc
+    secret: str
+    state_dir: Path
+    args: list[str]
+
+    def url(self, host: str = SERVER_IP, port: int | None = None) -> str:
+        suffix = f":{port}" if port else ""
+        return f"weft://{self.secret}@{host}{suffix}"
+
+
+def start_server(lab: Lab, *extra: str, state_dir: Path | None = None, host: Host | None = None,
+                 name: str = "server", timeout: float = 20.0) -> ServerProc:
+    """Start `weft server` on the lab's server host and wait until it accepts tunnels."""
+    state = state_dir or Path(tempfile.mkdtemp(prefix="weft-state-"))
+    secret_file = state.parent / f"{state.name}.secret"
+    args = [WEFT, "server", "--bind-ips", SERVER_IP, "--state-dir", str(state),
+            "--secret-file", str(secret_file), *extra]
+    proc = (host or lab.server).popen(args, name=name)
+    proc.wait_for_line(r"weft tunnel weft://", timeout=timeout)
+    return ServerProc(proc=proc, secret=secret_file.read_text().strip(), state_dir=state, args=args)
+
+
+def restart_server(lab: Lab, server: ServerProc, name: str = "server2") -> ServerProc:
+    proc = lab.server.popen(server.args, name=name)
+    proc.wait_for_line(r"weft tunnel weft://", timeout=20)
+    return ServerProc(proc=proc, secret=server.secret, state_dir=server.state_dir, args=server.args)
+
+
+def start_tunnel(lab: Lab, server_url: str, *urls_and_flags: str, host: Host | None = None,
+                 name: str = "tunnel", ready: int | None = None, timeout: float = 30.0) -> Proc:
+    """Start `weft tunnel` and wait for one `ready` line per route (or for `ready` lines)."""
+    proc = (host or lab.tunnel).popen([WEFT, "tunnel", server_url, *urls_and_flags], name=name)
+    wanted = ready if ready is not None else sum(1 for a in urls_and_flags if "://" in a) // 2
+    wait_ready(proc, wanted, timeout)
+    return proc
+
+
+def wait_ready(proc: Proc, count: int, timeout: float = 30.0, after: int = 0) -> list[str]:
+    """Wait until `proc` has printed `count` ready lines (from line `after`); return their URLs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        urls = ready_urls(proc, after)
+        if len(urls) >= count:
+            return urls
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise AssertionError(
+                f"{proc.name}: {len(urls)} of {count} routes ready "
+                f"(exit code {proc.returncode}); output:\n{proc.output()}"
+            )
+        time.sleep(0.05)
+
+
+def ready_urls(proc: Proc, after: int = 0) -> list[str]:
+    """The public URLs a tunnel has printed as ready (from line `after` on), in order."""
+    return [
+        m.group(1) for line in proc.lines()[after:] if (m := re.match(r"^ready\s+(\S+)", line))
+    ]
