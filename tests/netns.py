@@ -28,6 +28,7 @@ import ipaddress
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -94,7 +95,8 @@ def wait_until(
     """Call ``predicate`` until it returns something truthy; return that value.
 
     Raises :class:`HarnessError` naming ``message`` after ``timeout`` seconds. Exceptions from the
-    predicate count as "not yet" (the last one is reported on timeout).
+    predicate count as "not yet" (the last one is reported on timeout), except
+    :class:`HarnessError`, which stops the wait at once (e.g. "the process died").
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -103,6 +105,8 @@ def wait_until(
             value = predicate()
             if value:
                 return value
+        except HarnessError:
+            raise
         except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
@@ -729,13 +733,13 @@ def missing_capabilities() -> list[str]:
     if os.geteuid() != 0:
         missing.append("root")
     for tool in ("ip", "nft", "wireguard-go", "wg"):
-        if not any(Path(d, tool).is_file() for d in _path_dirs()):
+        if shutil.which(tool, path=os.pathsep.join(_path_dirs())) is None:
             missing.append(tool)
     if not Path("/dev/net/tun").exists():
         missing.append("/dev/net/tun")
     if missing:
         return missing
-    ns = f"{NS_PREFIX}{os.getpid()}probe-x"
+    ns = f"{NS_PREFIX}{os.getpid()}-0000-probe"
     try:
         if _ip("netns", "add", ns, check=False).returncode != 0:
             return ["ip netns add"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import tempfile
@@ -74,3 +75,21 @@ def ready_urls(proc: Proc, after: int = 0) -> list[str]:
     return [
         m.group(1) for line in proc.lines()[after:] if (m := re.match(r"^ready\s+(\S+)", line))
     ]
+
+
+PEERS = str(Path(__file__).resolve().parent / "e2e" / "peers.py")
+
+
+def peer(host: Host, *args: object, timeout: float = 60.0) -> dict[str, object]:
+    """Run a visitor from tests/e2e/peers.py in `host` and return its JSON answer."""
+    result = host.run([sys.executable, PEERS, *map(str, args)], timeout=timeout)
+    assert result.returncode == 0, f"peers.py {args} failed: {result.stdout}{result.stderr}"
+    answer: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def service(host: Host, kind: str, addr: str, port: int, name: str | None = None) -> Proc:
+    """Start a local service from tests/e2e/peers.py (echo, count, hello) and wait for it."""
+    proc = host.popen([sys.executable, PEERS, kind, addr, str(port)], name=name or kind)
+    proc.wait_for_line(r"^listening ", timeout=10)
+    return proc

@@ -350,7 +350,8 @@ class TcpForwarder:
             upstream = await self._dial_net.connect_tcp(*self._target, timeout=self._connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.counters.failed += 1
-            log.info("%s: %s -> %s:%s failed: %s", self.name, peer, *self._target, exc or "timeout")
+            log.info("%s: %s -> %s:%s failed: %s", self.name, peer, *self._target,
+                     str(exc) or type(exc).__name__)
             close_quietly(conn)
             return
         except asyncio.CancelledError:

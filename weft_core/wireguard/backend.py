@@ -197,7 +197,8 @@ class WireGuardInterface:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise
-            raise WeftError(f"a routing rule with priority {priority} already exists") from exc
+            # The very same rule (source, table, priority) is a leftover of a process that died
+            # without cleaning up: the server just gave this address to us, so adopt it.
         self._rules.append((source, table, priority))
 
     def close(self) -> None:

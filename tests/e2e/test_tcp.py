@@ -1,0 +1,152 @@
+"""TCP tunnels end to end: real weft processes, wireguard-go and nft in a namespace lab.
+
+Topology (tests/netns.py): server 198.51.100.1, visitor 198.51.100.20, tunnel host 203.0.113.10
+behind a NAT router. The local service listens on the tunnel host's loopback only, so the visitor
+can reach it through Weft and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+from netns import Lab, wait_until
+from weftlab import (
+    SERVER_IP,
+    peer,
+    ready_urls,
+    restart_server,
+    service,
+    start_server,
+    start_tunnel,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.netns
+
+PUBLIC = f"tcp://{SERVER_IP}:15432"
+
+
+def test_bytes_intact_both_ways_many_connections_and_half_close(lab: Lab) -> None:
+    server = start_server(lab)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    service(lab.tunnel, "count", "127.0.0.1", 5433)
+    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    tunnel = start_tunnel(
+        lab, server.url(),
+        "tcp://127.0.0.1:5432", PUBLIC,
+        "tcp://127.0.0.1:5433", "tcp://:15433",
+        "tcp://127.0.0.1:5434", f"tcp://{SERVER_IP}:0",
+    )
+    urls = ready_urls(tunnel)
+    assert urls[:2] == [PUBLIC, f"tcp://{SERVER_IP}:15433"]
+    chosen = int(urls[2].rsplit(":", 1)[1])
+    assert 1024 <= chosen <= 65535 and chosen not in (9092, 9093)
+
+    # Several MB each way, checked end to end.
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 8_000_000)
+    assert big == {"sent": 8_001_024, "received": 8_001_024, "intact": True}
+
+    # 200 concurrent connections, each with its own payload echoed back intact.
+    crowd = peer(lab.visitor, "many", SERVER_IP, 15432, 200)
+    assert crowd["ok"] == 200, crowd
+
+    # Half-close from the visitor: it stops sending and still gets the answer.
+    assert peer(lab.visitor, "halfclose", SERVER_IP, 15433) == {"answer_ok": True}
+
+    # Half-close from the service: the visitor reads EOF and can still send.
+    assert peer(lab.visitor, "serverclose", SERVER_IP, chosen) == {"greeting": "hello\n"}
+    hello = next(p for p in lab.procs if p.name == "hello")
+    hello.wait_for_line(r"hello-service received 100000", timeout=10)
+
+    # The local service is not reachable directly: only through the tunnel.
+    assert peer(lab.visitor, "probe", "203.0.113.10", 5432, 2)["state"] != "open"
+
+
+def test_wrong_secret_is_refused_with_a_clear_message(lab: Lab) -> None:
+    server = start_server(lab)
+    wrong = server.url().replace(server.secret, "x" * 43)
+    tunnel = lab.tunnel.popen(
+        [server.args[0], "tunnel", wrong, "tcp://127.0.0.1:5432", PUBLIC], name="tunnel"
+    )
+    assert tunnel.wait(timeout=20) == 3
+    assert re.search(r"secret", tunnel.output(), re.I), tunnel.output()
+    assert "Traceback" not in tunnel.output()
+    assert server.secret not in tunnel.output()
+
+
+def test_refused_routes_get_clear_4xx_messages(lab: Lab) -> None:
+    server = start_server(lab, "--allow-ports", "10000-20000")
+    squatter = service(lab.server, "echo", SERVER_IP, 15000, name="squatter")
+    assert squatter.returncode is None
+    cases = [
+        ("tcp://:15000", r"15000/tcp is already in use"),
+        ("tcp://:9092", r"port 9092/tcp is the control port"),
+        ("tcp://:9093", r"port 9093/tcp is the WireGuard port"),
+        ("tcp://:8080", r"port 8080/tcp is outside the ports this server allows \(10000-20000"),
+    ]
+    for remote, message in cases:
+        tunnel = lab.tunnel.popen(
+            [server.args[0], "tunnel", server.url(), "tcp://127.0.0.1:5432", remote], name=remote
+        )
+        assert tunnel.wait(timeout=30) == 5, tunnel.output()
+        assert re.search(message, tunnel.output()), tunnel.output()
+        assert "Traceback" not in tunnel.output()
+    # A tunnel with one good and one refused route keeps the good one.
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:15001",
+                          "tcp://127.0.0.1:5432", "tcp://:15000", ready=1)
+    assert peer(lab.visitor, "stream", SERVER_IP, 15001, 10_000)["intact"] is True
+    assert re.search(r"refused .*15000", tunnel.output())
+
+
+def test_sigterm_on_tunnel_frees_port_at_once_and_sigkill_within_30s(lab: Lab) -> None:
+    server = start_server(lab)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", PUBLIC)
+    assert peer(lab.visitor, "probe", SERVER_IP, 15432, 2)["state"] == "open"
+
+    mark = server.proc.mark()
+    tunnel.send_signal(signal.SIGTERM)
+    assert tunnel.wait(timeout=5) == 0
+    server.proc.wait_for_line(r"removed \(goodbye\); 10\.1\.0\.2 freed", timeout=2, after=mark)
+    assert peer(lab.visitor, "probe", SERVER_IP, 15432, 2)["state"] == "refused"
+
+    again = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", PUBLIC, name="tunnel2")
+    assert peer(lab.visitor, "stream", SERVER_IP, 15432, 100_000)["intact"] is True
+    again.kill()  # no goodbye: the server must notice on its own
+    wait_until(
+        lambda: peer(lab.visitor, "probe", SERVER_IP, 15432, 1)["state"] == "refused",
+        timeout=30, message="the public port of a SIGKILLed tunnel was not freed within 30 s",
+    )
+    # And the port can be published again.
+    start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", PUBLIC, name="tunnel3")
+    assert peer(lab.visitor, "stream", SERVER_IP, 15432, 100_000)["intact"] is True
+
+
+def test_server_restart_tunnel_comes_back_on_the_same_port(lab: Lab) -> None:
+    server = start_server(lab)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:0")
+    (url,) = ready_urls(tunnel)
+    port = int(url.rsplit(":", 1)[1])
+    assert peer(lab.visitor, "stream", SERVER_IP, port, 100_000)["intact"] is True
+
+    mark = tunnel.mark()
+    server.proc.kill()  # the server vanishes without a goodbye
+    tunnel.wait_for_line(r"reconnecting in", timeout=20, after=mark)
+    restarted = restart_server(lab, server)
+    assert restarted.secret == server.secret  # the secret survived the restart
+    assert wait_ready(tunnel, 1, timeout=60, after=mark) == [url]
+    assert peer(lab.visitor, "stream", SERVER_IP, port, 100_000)["intact"] is True
+
+
+def test_server_sigterm_removes_interfaces_and_firewall_rules(lab: Lab) -> None:
+    server = start_server(lab)
+    assert "wefts" in lab.server.check(["ip", "-o", "link"])
+    assert "weft_wefts" in lab.server.check(["nft", "list", "tables"])
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=15) == 0
+    assert "wefts" not in lab.server.check(["ip", "-o", "link"])
+    assert "weft_" not in lab.server.check(["nft", "list", "tables"])
