@@ -47,9 +47,12 @@ def restart_server(lab: Lab, server: ServerProc, name: str = "server2") -> Serve
 
 
 def start_tunnel(lab: Lab, server_url: str, *urls_and_flags: str, host: Host | None = None,
-                 name: str = "tunnel", ready: int | None = None, timeout: float = 30.0) -> Proc:
+                 name: str = "tunnel", ready: int | None = None, timeout: float = 30.0,
+                 extra_env: dict[str, str] | None = None) -> Proc:
     """Start `weft tunnel` and wait for one `ready` line per route (or for `ready` lines)."""
-    proc = (host or lab.tunnel).popen([WEFT, "tunnel", server_url, *urls_and_flags], name=name)
+    proc = (host or lab.tunnel).popen(
+        [WEFT, "tunnel", server_url, *urls_and_flags], name=name, extra_env=extra_env
+    )
     wanted = ready if ready is not None else sum(1 for a in urls_and_flags if "://" in a) // 2
     wait_ready(proc, wanted, timeout)
     return proc
@@ -93,3 +96,15 @@ def service(host: Host, kind: str, addr: str, port: int, name: str | None = None
     proc = host.popen([sys.executable, PEERS, kind, addr, str(port)], name=name or kind)
     proc.wait_for_line(r"^listening ", timeout=10)
     return proc
+
+
+def wireguard_listeners(host: Host, transport: str = "tcp") -> list[tuple[str, int]]:
+    """(address, port) of the sockets listening on a 10.1.x.y WireGuard address in `host`."""
+    flag = "-ltnH" if transport == "tcp" else "-lunH"
+    found = []
+    for line in host.check(["ss", flag]).splitlines():
+        local = line.split()[3]
+        addr, _, port = local.rpartition(":")
+        if addr.startswith("10.1."):
+            found.append((addr, int(port)))
+    return found

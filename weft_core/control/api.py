@@ -175,6 +175,7 @@ class ControlApi:
                            "the secret was refused (or the challenge expired); check the secret")
         self.limiter.succeeded(source)
         token = self.server.tokens.issue(tunnel, local, time.time())
+        log.info("login accepted from %s", source)
         return 200, {"token": token, "expires_in": self.server.tokens.ttl}
 
     # --- tunnels -----------------------------------------------------------------------------

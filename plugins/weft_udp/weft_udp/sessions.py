@@ -1,0 +1,135 @@
+"""The UDP session table, sans-IO: which visitor owns which session, LRU order and idle expiry.
+
+No sockets, no clock: every call takes `now` (any monotonic float), so every rule is unit-testable.
+
+- `get(key, now)` finds a session and marks it used (it moves to the most recently used end);
+- `add(key, value, now)` inserts one and returns what had to go to stay within `max_sessions`
+  (the least recently used first);
+- `expire(now)` removes and returns every session idle for `idle_timeout` or longer.
+
+The table is an `OrderedDict` kept in least-recently-used order. Because `now` never goes back,
+that order is also the order of last use, so expiry looks at the oldest entries only: each call
+costs O(expired), not O(sessions), which keeps a flood of new source ports cheap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Entry(Generic[V]):
+    __slots__ = ("created", "last", "value")
+
+    def __init__(self, value: V, now: float) -> None:
+        self.value = value
+        self.created = now
+        self.last = now
+
+
+class SessionTable(Generic[K, V]):
+    """Sessions by key (a visitor's address), at most `max_sessions`, dropped after `idle_timeout`."""
+
+    def __init__(self, idle_timeout: float, max_sessions: int) -> None:
+        if idle_timeout <= 0:
+            raise ValueError(f"idle timeout must be positive, not {idle_timeout}")
+        if max_sessions < 1:
+            raise ValueError(f"max sessions must be at least 1, not {max_sessions}")
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
+        self.evicted = 0  # sessions dropped to make room (least recently used first), so far
+        self.expired = 0  # sessions dropped for being idle, so far
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[K]:
+        """Keys from least to most recently used."""
+        return iter(list(self._entries))
+
+    def get(self, key: K, now: float) -> V | None:
+        """The session for `key` (marked used at `now`), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._touch(key, entry, now)
+        return entry.value
+
+    def peek(self, key: K) -> V | None:
+        """The session for `key` without marking it used."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.value
+
+    def touch(self, key: K, now: float) -> bool:
+        """Mark `key` used at `now` (traffic the other way); False if it is gone."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        self._touch(key, entry, now)
+        return True
+
+    def _touch(self, key: K, entry: _Entry[V], now: float) -> None:
+        if now > entry.last:
+            entry.last = now
+        self._entries.move_to_end(key)
+
+    def last_used(self, key: K) -> float | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry.last
+
+    def add(self, key: K, value: V, now: float) -> list[tuple[K, V]]:
+        """Insert a new session; return the sessions evicted to stay within the cap.
+
+        Adding a key that is present replaces its value (the old one is returned as evicted, so
+        the caller closes it).
+        """
+        evicted: list[tuple[K, V]] = []
+        old = self._entries.pop(key, None)
+        if old is not None:
+            evicted.append((key, old.value))
+        while len(self._entries) >= self.max_sessions:
+            lru_key, lru = self._entries.popitem(last=False)
+            evicted.append((lru_key, lru.value))
+            self.evicted += 1
+        self._entries[key] = _Entry(value, now)
+        return evicted
+
+    def pop(self, key: K) -> V | None:
+        """Remove `key` (the caller closed it for its own reasons)."""
+        entry = self._entries.pop(key, None)
+        return None if entry is None else entry.value
+
+    def expire(self, now: float) -> list[tuple[K, V]]:
+        """Remove and return every session idle for `idle_timeout` or longer at `now`."""
+        deadline = now - self.idle_timeout
+        gone: list[tuple[K, V]] = []
+        entries = self._entries
+        while entries:
+            key = next(iter(entries))
+            entry = entries[key]
+            if entry.last > deadline:
+                break
+            del entries[key]
+            gone.append((key, entry.value))
+        self.expired += len(gone)
+        return gone
+
+    def next_expiry(self) -> float | None:
+        """When the least recently used session expires if nothing touches it, or None if empty."""
+        if not self._entries:
+            return None
+        return self._entries[next(iter(self._entries))].last + self.idle_timeout
+
+    def clear(self) -> list[tuple[K, V]]:
+        """Remove and return every session."""
+        gone = [(k, e.value) for k, e in self._entries.items()]
+        self._entries.clear()
+        return gone
