@@ -28,13 +28,28 @@ class ServerProc:
         return f"weft://{self.secret}@{host}{suffix}"
 
 
-def start_server(lab: Lab, *extra: str, state_dir: Path | None = None, host: Host | None = None,
-                 name: str = "server", timeout: float = 20.0) -> ServerProc:
+def start_server(
+    lab: Lab,
+    *extra: str,
+    state_dir: Path | None = None,
+    host: Host | None = None,
+    name: str = "server",
+    timeout: float = 20.0,
+) -> ServerProc:
     """Start `weft server` on the lab's server host and wait until it accepts tunnels."""
     state = state_dir or Path(tempfile.mkdtemp(prefix="weft-state-"))
     secret_file = state.parent / f"{state.name}.secret"
-    args = [WEFT, "server", "--bind-ips", SERVER_IP, "--state-dir", str(state),
-            "--secret-file", str(secret_file), *extra]
+    args = [
+        WEFT,
+        "server",
+        "--bind-ips",
+        SERVER_IP,
+        "--state-dir",
+        str(state),
+        "--secret-file",
+        str(secret_file),
+        *extra,
+    ]
     proc = (host or lab.server).popen(args, name=name)
     proc.wait_for_line(r"weft tunnel weft://", timeout=timeout)
     return ServerProc(proc=proc, secret=secret_file.read_text().strip(), state_dir=state, args=args)
@@ -46,9 +61,16 @@ def restart_server(lab: Lab, server: ServerProc, name: str = "server2") -> Serve
     return ServerProc(proc=proc, secret=server.secret, state_dir=server.state_dir, args=server.args)
 
 
-def start_tunnel(lab: Lab, server_url: str, *urls_and_flags: str, host: Host | None = None,
-                 name: str = "tunnel", ready: int | None = None, timeout: float = 30.0,
-                 extra_env: dict[str, str] | None = None) -> Proc:
+def start_tunnel(
+    lab: Lab,
+    server_url: str,
+    *urls_and_flags: str,
+    host: Host | None = None,
+    name: str = "tunnel",
+    ready: int | None = None,
+    timeout: float = 30.0,
+    extra_env: dict[str, str] | None = None,
+) -> Proc:
     """Start `weft tunnel` and wait for one `ready` line per route (or for `ready` lines)."""
     proc = (host or lab.tunnel).popen(
         [WEFT, "tunnel", server_url, *urls_and_flags], name=name, extra_env=extra_env
@@ -75,9 +97,7 @@ def wait_ready(proc: Proc, count: int, timeout: float = 30.0, after: int = 0) ->
 
 def ready_urls(proc: Proc, after: int = 0) -> list[str]:
     """The public URLs a tunnel has printed as ready (from line `after` on), in order."""
-    return [
-        m.group(1) for line in proc.lines()[after:] if (m := re.match(r"^ready\s+(\S+)", line))
-    ]
+    return [m.group(1) for line in proc.lines()[after:] if (m := re.match(r"^ready\s+(\S+)", line))]
 
 
 PEERS = str(Path(__file__).resolve().parent / "e2e" / "peers.py")

@@ -7,8 +7,9 @@ The protocol (docs/control-api.md has the wire format):
    fingerprint of its own TLS certificate as associated data.
 2. The client opens it with the fingerprint of the certificate *it* sees. A man in the middle shows
    another certificate, so opening fails and the client stops before revealing anything.
-3. The client seals the nonce the same way; the server opens it with its own fingerprint, compares in
-   constant time, burns the challenge, and issues a JWT signed with a key that is not the secret.
+3. The client seals the nonce the same way; the server opens it with its own fingerprint,
+   compares in constant time, burns the challenge, and issues a JWT signed with a key that is
+   not the secret.
 """
 
 from __future__ import annotations
@@ -225,4 +226,6 @@ class TokenIssuer:
             raise AuthError(f"invalid token: {exc}") from None
         if claims["exp"] <= now:
             raise AuthError("the token has expired; log in again")
-        return TokenClaims(tunnel=str(claims["sub"]), realm=str(claims["realm"]), expires=claims["exp"])
+        return TokenClaims(
+            tunnel=str(claims["sub"]), realm=str(claims["realm"]), expires=claims["exp"]
+        )

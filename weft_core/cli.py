@@ -87,57 +87,118 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     server = sub.add_parser(
-        "server", help="run the public server",
+        "server",
+        help="run the public server",
         description="Run the public Weft server that tunnels connect to.",
-        epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SERVER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    server.add_argument("--bind-ips", metavar="IP[,IP...]",
-                        help="addresses to listen on (default: all of this host's addresses)")
+    server.add_argument(
+        "--bind-ips",
+        metavar="IP[,IP...]",
+        help="addresses to listen on (default: all of this host's addresses)",
+    )
     server.add_argument("--port", type=int, default=9092, help="control port, TCP (default 9092)")
-    server.add_argument("--wireguard-port", type=int, default=9093,
-                        help="WireGuard port, UDP (default 9093)")
-    server.add_argument("--secret-file", type=Path, metavar="PATH",
-                        help="also write the connection secret to PATH (mode 0600)")
-    server.add_argument("--state-dir", type=Path, metavar="DIR",
-                        help=f"where secrets and keys persist (default {default_state_dir()})")
-    server.add_argument("--subnet", default="10.1.0.0/16",
-                        help="WireGuard address pool; the server takes .1 (default 10.1.0.0/16)")
-    server.add_argument("--allow-ports", default="1024-65535", metavar="RANGES",
-                        help="public ports tunnels may ask for, like 1024-65535 or 80,443,20000-21000")
-    server.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
-                        help="close visitor connections idle this long (default 3600)")
-    server.add_argument("--health-timeout", type=float, default=20.0, metavar="SECONDS",
-                        help="reclaim a tunnel silent this long (default 20)")
-    server.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="on SIGTERM, let open connections finish this long (default 5)")
+    server.add_argument(
+        "--wireguard-port", type=int, default=9093, help="WireGuard port, UDP (default 9093)"
+    )
+    server.add_argument(
+        "--secret-file",
+        type=Path,
+        metavar="PATH",
+        help="also write the connection secret to PATH (mode 0600)",
+    )
+    server.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"where secrets and keys persist (default {default_state_dir()})",
+    )
+    server.add_argument(
+        "--subnet",
+        default="10.1.0.0/16",
+        help="WireGuard address pool; the server takes .1 (default 10.1.0.0/16)",
+    )
+    server.add_argument(
+        "--allow-ports",
+        default="1024-65535",
+        metavar="RANGES",
+        help="public ports tunnels may ask for, like 1024-65535 or 80,443,20000-21000",
+    )
+    server.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="close visitor connections idle this long (default 3600)",
+    )
+    server.add_argument(
+        "--health-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="reclaim a tunnel silent this long (default 20)",
+    )
+    server.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, let open connections finish this long (default 5)",
+    )
     _common(server)
     host.hook.weft_server_options(parser=server)
 
     tunnel = sub.add_parser(
-        "tunnel", help="publish local services through a server",
+        "tunnel",
+        help="publish local services through a server",
         description="Publish local services through a Weft server.",
-        epilog=TUNNEL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TUNNEL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tunnel.add_argument("server_url", metavar="weft://SECRET@HOST[:PORT]",
-                        help="the server to connect to (the secret may come from $WEFT_SECRET)")
-    tunnel.add_argument("urls", nargs="+", metavar="LOCAL REMOTE",
-                        help="pairs of local and remote URLs, like tcp://127.0.0.1:5432 tcp://:15432")
-    tunnel.add_argument("--name", help="a name for this tunnel in logs and lists "
-                        "(default: host name and a short id)")
-    tunnel.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
-                        help="close connections idle this long (default 3600)")
-    tunnel.add_argument("--keep-trying", action="store_true",
-                        help="retry even if the very first connection fails (default: exit)")
+    tunnel.add_argument(
+        "server_url",
+        metavar="weft://SECRET@HOST[:PORT]",
+        help="the server to connect to (the secret may come from $WEFT_SECRET)",
+    )
+    tunnel.add_argument(
+        "urls",
+        nargs="+",
+        metavar="LOCAL REMOTE",
+        help="pairs of local and remote URLs, like tcp://127.0.0.1:5432 tcp://:15432",
+    )
+    tunnel.add_argument(
+        "--name",
+        help="a name for this tunnel in logs and lists (default: host name and a short id)",
+    )
+    tunnel.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="close connections idle this long (default 3600)",
+    )
+    tunnel.add_argument(
+        "--keep-trying",
+        action="store_true",
+        help="retry even if the very first connection fails (default: exit)",
+    )
     _common(tunnel)
     host.hook.weft_tunnel_options(parser=tunnel)
 
-    sub.add_parser("plugins", help="list installed plugins and the URL schemes they serve",
-                   description="List installed plugins and the URL schemes they serve.")
+    sub.add_parser(
+        "plugins",
+        help="list installed plugins and the URL schemes they serve",
+        description="List installed plugins and the URL schemes they serve.",
+    )
 
-    listing = sub.add_parser("list", help="list the tunnels on a server",
-                             description="List the tunnels a server holds.",
-                             epilog="example:\n  weft list weft://SECRET@198.51.100.1",
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    listing = sub.add_parser(
+        "list",
+        help="list the tunnels on a server",
+        description="List the tunnels a server holds.",
+        epilog="example:\n  weft list weft://SECRET@198.51.100.1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     listing.add_argument("server_url", metavar="weft://SECRET@HOST[:PORT]")
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -147,18 +208,30 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log every connection (visitor, bytes, duration, how it ended)")
-    parser.add_argument("--wireguard-backend", choices=("auto", "kernel", "wireguard-go"),
-                        default="auto", help="force a WireGuard backend (default: kernel if "
-                        "available, else wireguard-go)")
-    parser.add_argument("--no-isolation", action="store_true",
-                        help="run without the nftables isolation rules (not recommended)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every connection (visitor, bytes, duration, how it ended)",
+    )
+    parser.add_argument(
+        "--wireguard-backend",
+        choices=("auto", "kernel", "wireguard-go"),
+        default="auto",
+        help="force a WireGuard backend (default: kernel if available, else wireguard-go)",
+    )
+    parser.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="run without the nftables isolation rules (not recommended)",
+    )
 
 
 def _setup_logging(verbose: bool, default: int) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if os.environ.get("WEFT_DEBUG") else (logging.INFO if verbose else default),
+        level=logging.DEBUG
+        if os.environ.get("WEFT_DEBUG")
+        else (logging.INFO if verbose else default),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -240,14 +313,19 @@ def _list_tunnels(args: argparse.Namespace) -> int:
     if not tunnels:
         print("no tunnels")
         return ExitCode.OK
-    print(f"{'name':<24} {'address':<14} {'public':<32} {'local':<26} {'in':>10} {'out':>10} "
-          f"{'conns':>6}  since")
+    print(
+        f"{'name':<24} {'address':<14} {'public':<32} {'local':<26} {'in':>10} {'out':>10} "
+        f"{'conns':>6}  since"
+    )
     for t in tunnels:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["connected_since"]))
-        for r in t["routes"] or [{"public_url": "-", "local": "-", "bytes_in": 0,
-                                   "bytes_out": 0, "connections": 0}]:
-            print(f"{t['name']:<24} {t['address']:<14} {r['public_url']:<32} {r['local']:<26} "
-                  f"{r['bytes_in']:>10} {r['bytes_out']:>10} {r['connections']:>6}  {since}")
+        for r in t["routes"] or [
+            {"public_url": "-", "local": "-", "bytes_in": 0, "bytes_out": 0, "connections": 0}
+        ]:
+            print(
+                f"{t['name']:<24} {t['address']:<14} {r['public_url']:<32} {r['local']:<26} "
+                f"{r['bytes_in']:>10} {r['bytes_out']:>10} {r['connections']:>6}  {since}"
+            )
     return ExitCode.OK
 
 

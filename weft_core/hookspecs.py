@@ -39,7 +39,7 @@ def weft_tunnel_options(parser: argparse.ArgumentParser) -> None:
     """Add command-line options to `weft tunnel` (read them later from ctx.options)."""
 
 
-# --- lifecycle events (notifications: return values are ignored) -----------------------------------
+# --- lifecycle events (notifications: return values are ignored) ---------------------------
 
 
 @hookspec

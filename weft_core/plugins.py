@@ -48,6 +48,7 @@ class PluginHost:
         self._distributions = distributions
         # Call each implementation ourselves so we know which plugin registered which scheme.
         for impl in reversed(manager.hook.weft_register_protocols.get_hookimpls()):
+
             def register(protocol: Any, _name: str = impl.plugin_name) -> None:
                 self._register(protocol, _name)
 
@@ -58,7 +59,10 @@ class PluginHost:
         if scheme in self.protocols:
             log.warning(
                 "scheme %s:// is served by both %s and %s; keeping %s",
-                scheme, self._owner[scheme], plugin_name, self._owner[scheme],
+                scheme,
+                self._owner[scheme],
+                plugin_name,
+                self._owner[scheme],
             )
             return
         self.protocols[scheme] = protocol

@@ -31,7 +31,7 @@ class Route:
 
 @runtime_checkable
 class Endpoint(Protocol):
-    """A running listener or forwarder: the public side on the server, the forwarder on the tunnel."""
+    """A running listener or forwarder: the public side (server) or the forwarder (tunnel)."""
 
     counters: Counters
 

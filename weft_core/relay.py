@@ -3,8 +3,9 @@
 A `Relay` owns any number of socket pairs and moves bytes between them with the event loop's
 reader/writer callbacks directly (no transports, no streams, no tasks per connection):
 
-- one receive buffer shared by every pair on the loop, so a chunk costs no allocation; a copy is made
-  only for the unsent tail when the other side is slow (then the reader pauses: backpressure);
+- one receive buffer shared by every pair on the loop, so a chunk costs no allocation; a copy is
+  made only for the unsent tail when the other side is slow (then the reader pauses:
+  backpressure);
 - half-close both ways: EOF from one side becomes shutdown(SHUT_WR) on the other, and the other
   direction keeps flowing until it ends too;
 - an idle timeout swept by one timer per relay, not one per connection;
@@ -194,7 +195,9 @@ class _Pair:
             if reason != "closed":
                 # Propagate an abort as a reset, not as a clean end of stream.
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
             close_quietly(sock)
         self.relay._forget(self, reason)
 
@@ -222,7 +225,7 @@ class Relay:
         return len(self._pairs)
 
     def add(self, a: socket.socket, b: socket.socket, peer: str = "", initial: bytes = b"") -> None:
-        """Relay between connected sockets `a` and `b`; `initial` bytes from a are sent to b first."""
+        """Relay between connected sockets `a` and `b`; `initial` bytes (from a) go to b first."""
         for sock in (a, b):
             sock.setblocking(False)
             with contextlib.suppress(OSError):
@@ -347,11 +350,18 @@ class TcpForwarder:
 
     async def _dial(self, conn: socket.socket, peer: str) -> None:
         try:
-            upstream = await self._dial_net.connect_tcp(*self._target, timeout=self._connect_timeout)
+            upstream = await self._dial_net.connect_tcp(
+                *self._target, timeout=self._connect_timeout
+            )
         except (OSError, TimeoutError) as exc:
             self.counters.failed += 1
-            log.info("%s: %s -> %s:%s failed: %s", self.name, peer, *self._target,
-                     str(exc) or type(exc).__name__)
+            log.info(
+                "%s: %s -> %s:%s failed: %s",
+                self.name,
+                peer,
+                *self._target,
+                str(exc) or type(exc).__name__,
+            )
             close_quietly(conn)
             return
         except asyncio.CancelledError:
@@ -370,4 +380,3 @@ class TcpForwarder:
         for task in list(self._dialling):
             task.cancel()
         await self.relay.drain(drain)
-

@@ -77,8 +77,12 @@ class RouteContext:
         if self._server.settings.verbose:
             self.log.info(
                 "tunnel %s: %s closed (%s): %d bytes in, %d bytes out, %.1fs",
-                self.tunnel_name, summary.peer, summary.reason,
-                summary.bytes_in, summary.bytes_out, summary.duration,
+                self.tunnel_name,
+                summary.peer,
+                summary.reason,
+                summary.bytes_in,
+                summary.bytes_out,
+                summary.duration,
             )
 
 
@@ -96,7 +100,9 @@ class Server:
         self.isolation: ServerIsolation | None = None
         self._listeners: list[asyncio.Server] = []
         self._stopping = asyncio.Event()
-        self._lock = asyncio.Lock()  # registry changes that await (opening endpoints) run one at a time
+        self._lock = (
+            asyncio.Lock()
+        )  # registry changes that await (opening endpoints) run one at a time
 
     # --- start -------------------------------------------------------------------------------
 
@@ -106,14 +112,16 @@ class Server:
             raise WeftError(f"{self.state.file('secret')} holds a secret shorter than 32 bytes")
         self.wireguard_key = self.state.text("wireguard.key", generate_private_key)
         self.wireguard_public_key = public_key(self.wireguard_key)
-        self.token_key = self.state.load_or_create("token.key", lambda: auth.secrets.token_bytes(32))
-        cert_pem = self.state.load_or_create(
-            "control.crt", lambda: self._make_certificate()
+        self.token_key = self.state.load_or_create(
+            "token.key", lambda: auth.secrets.token_bytes(32)
         )
+        cert_pem = self.state.load_or_create("control.crt", lambda: self._make_certificate())
         self.cert_file = self.state.file("control.crt")
         self.key_file = self.state.file("control.key")
         if not self.key_file.exists():
-            raise WeftError(f"{self.key_file} is missing; delete {self.cert_file} to make a new pair")
+            raise WeftError(
+                f"{self.key_file} is missing; delete {self.cert_file} to make a new pair"
+            )
         der = ssl.PEM_cert_to_DER_cert(cert_pem.decode())
         self.fingerprint = auth.fingerprint(der)
         self.tokens = auth.TokenIssuer(self.token_key)
@@ -159,7 +167,11 @@ class Server:
         for ip in self.settings.bind_ips:
             try:
                 listener = await asyncio.start_server(
-                    api.handle, ip, self.settings.port, ssl=context, reuse_address=True,
+                    api.handle,
+                    ip,
+                    self.settings.port,
+                    ssl=context,
+                    reuse_address=True,
                     ssl_handshake_timeout=10,
                 )
             except OSError as exc:
@@ -176,9 +188,12 @@ class Server:
     def _announce(self) -> None:
         assert self.interface is not None
         out = sys.stdout
-        print(f"weft server: WireGuard {self.interface.name} ({self.interface.backend_name}) "
-              f"{self.server_address}/{self.settings.subnet.prefixlen}, "
-              f"UDP port {self.settings.wireguard_port}", file=out)
+        print(
+            f"weft server: WireGuard {self.interface.name} ({self.interface.backend_name}) "
+            f"{self.server_address}/{self.settings.subnet.prefixlen}, "
+            f"UDP port {self.settings.wireguard_port}",
+            file=out,
+        )
         print(f"weft server: connection secret: {self.secret}", file=out)
         if self.settings.secret_file:
             print(f"weft server: secret written to {self.settings.secret_file}", file=out)
@@ -187,8 +202,10 @@ class Server:
             port_part = "" if self.settings.port == 9092 else f":{self.settings.port}"
             host_part = f"[{ip}]" if ":" in ip else ip
             print(f"weft server: listening on {address}; connect a tunnel with:", file=out)
-            print(f"  weft tunnel weft://{self.secret}@{host_part}{port_part} LOCAL_URL REMOTE_URL",
-                  file=out)
+            print(
+                f"  weft tunnel weft://{self.secret}@{host_part}{port_part} LOCAL_URL REMOTE_URL",
+                file=out,
+            )
         out.flush()
 
     def _advertised_ips(self) -> list[str]:
@@ -235,7 +252,11 @@ class Server:
             raise self._bind_error(transport, host, port, exc) from None
 
     def _bind_any(
-        self, transport: str, host: str, reserved: dict[int, str], bind: Callable[[int], socket.socket]
+        self,
+        transport: str,
+        host: str,
+        reserved: dict[int, str],
+        bind: Callable[[int], socket.socket],
     ) -> socket.socket:
         candidates = [
             p for lo, hi in self.settings.allow_ports for p in (random.randint(lo, hi),)
@@ -252,14 +273,18 @@ class Server:
 
     def _all_allowed(self) -> list[int]:
         if not hasattr(self, "_allowed_cache"):
-            self._allowed_cache = [p for lo, hi in self.settings.allow_ports for p in range(lo, hi + 1)]
+            self._allowed_cache = [
+                p for lo, hi in self.settings.allow_ports for p in range(lo, hi + 1)
+            ]
         return self._allowed_cache
 
     @staticmethod
     def _bind_error(transport: str, host: str, port: int, exc: OSError) -> ApiError:
         where = f"{format_host_port(host, port)}/{transport}"
         if exc.errno == errno.EADDRINUSE:
-            return ApiError(409, "port_in_use", f"{where} is already in use (another tunnel or program)")
+            return ApiError(
+                409, "port_in_use", f"{where} is already in use (another tunnel or program)"
+            )
         if exc.errno == errno.EADDRNOTAVAIL:
             return ApiError(403, "bad_host", f"{host} is not an address of this server")
         if exc.errno == errno.EACCES:
@@ -299,8 +324,9 @@ class Server:
             for record in self.registry.silent_since(deadline):
                 async with self._lock:
                     if self.registry.get(record.id) is record:
-                        await self.remove_tunnel(record.id, "no health check for "
-                                                 f"{self.settings.health_timeout:.0f}s")
+                        await self.remove_tunnel(
+                            record.id, f"no health check for {self.settings.health_timeout:.0f}s"
+                        )
 
     # --- stop --------------------------------------------------------------------------------
 
@@ -311,8 +337,10 @@ class Server:
         await self._stopping.wait()
 
     async def stop(self) -> None:
-        log.info("stopping: closing listeners, draining connections for up to %.0fs",
-                 self.settings.drain_timeout)
+        log.info(
+            "stopping: closing listeners, draining connections for up to %.0fs",
+            self.settings.drain_timeout,
+        )
         for listener in self._listeners:
             listener.close()
         if getattr(self, "_reaper", None) is not None:
@@ -320,8 +348,10 @@ class Server:
         with contextlib.suppress(Exception):
             self.plugins.hook.weft_server_stopping(server=self)
         await asyncio.gather(
-            *(self.remove_tunnel(t.id, "server stopping", self.settings.drain_timeout)
-              for t in self.registry)
+            *(
+                self.remove_tunnel(t.id, "server stopping", self.settings.drain_timeout)
+                for t in self.registry
+            )
         )
         self.cleanup()
 
@@ -349,12 +379,15 @@ def local_addresses(overlay: ipaddress.IPv4Network) -> list[str]:
     except Exception:
         return []
     return [
-        a for a in found
+        a
+        for a in found
         if a and not ipaddress.ip_address(a).is_loopback and ipaddress.ip_address(a) not in overlay
     ]
 
 
-async def run_server(settings: ServerSettings, options: argparse.Namespace, host: PluginHost) -> int:
+async def run_server(
+    settings: ServerSettings, options: argparse.Namespace, host: PluginHost
+) -> int:
     server = Server(settings, options, host)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

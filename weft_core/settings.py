@@ -51,7 +51,9 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as exc:
-        raise UsageError(f"--subnet: {text!r} is not an IPv4 network like 10.1.0.0/16 ({exc})") from None
+        raise UsageError(
+            f"--subnet: {text!r} is not an IPv4 network like 10.1.0.0/16 ({exc})"
+        ) from None
     if not 8 <= net.prefixlen <= 30:
         raise UsageError(f"--subnet: {text} must be between /8 and /30")
     return net

@@ -1,6 +1,7 @@
 """The server's state directory: secrets and keys that must survive a restart.
 
-Folder mode 0700, files 0600, written atomically (temp file + rename) so a crash never leaves half a key.
+Folder mode 0700, files 0600, written atomically (temp file + rename): a crash never leaves
+half a key.
 """
 
 from __future__ import annotations

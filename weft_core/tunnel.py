@@ -15,7 +15,6 @@ import socket
 import sys
 import time
 
-
 import attrs
 
 from .control.client import ControlClient, LoginRefused, ServerUnreachable
@@ -78,8 +77,12 @@ class ForwarderContext:
         if self._verbose:
             log.info(
                 "tunnel %s: connection %s closed (%s): %d bytes in, %d bytes out, %.1fs",
-                self.tunnel_name, summary.peer, summary.reason,
-                summary.bytes_in, summary.bytes_out, summary.duration,
+                self.tunnel_name,
+                summary.peer,
+                summary.reason,
+                summary.bytes_in,
+                summary.bytes_out,
+                summary.duration,
             )
 
 
@@ -108,11 +111,15 @@ class Tunnel:
     async def _connect(self) -> None:
         server = self.settings.server
         await self.client.login()
-        answer = await self.client.call("POST", "/connect", {
-            "public_key": public_key(self.private_key),
-            "name": self.name,
-            "address": self.address or "",
-        })
+        answer = await self.client.call(
+            "POST",
+            "/connect",
+            {
+                "public_key": public_key(self.private_key),
+                "name": self.name,
+                "address": self.address or "",
+            },
+        )
         self.address = address = str(ipaddress.IPv4Address(answer["address"]))
         server_address = str(ipaddress.IPv4Address(answer["server_address"]))
         self.interface = iface = await asyncio.to_thread(
@@ -123,12 +130,14 @@ class Tunnel:
             backend=self.settings.wireguard_backend,
         )
         endpoint_host = await _resolve(server.host)
-        iface.set_peer(Peer(
-            public_key=str(answer["server_public_key"]),
-            allowed_ips=(f"{server_address}/32",),
-            endpoint=format_host_port(endpoint_host, int(answer["wireguard_port"])),
-            persistent_keepalive=int(answer.get("keepalive", 15)),
-        ))
+        iface.set_peer(
+            Peer(
+                public_key=str(answer["server_public_key"]),
+                allowed_ips=(f"{server_address}/32",),
+                endpoint=format_host_port(endpoint_host, int(answer["wireguard_port"])),
+                persistent_keepalive=int(answer.get("keepalive", 15)),
+            )
+        )
         # Per-tunnel table and source rule: two tunnels on one host both reach "their" server .1.
         table = 0x57460000 | (int(ipaddress.IPv4Address(address)) & 0xFFFF)
         iface.add_route(f"{server_address}/32", table=table)
@@ -163,12 +172,16 @@ class Tunnel:
         refused = []
         for active in self.routes:
             try:
-                answer = await self.client.call("POST", "/routes", {
-                    "local": str(active.route.local),
-                    "remote": str(active.reclaim),
-                    "forwarder_port": active.forwarder_port,
-                    "options": dict(active.route.options),
-                })
+                answer = await self.client.call(
+                    "POST",
+                    "/routes",
+                    {
+                        "local": str(active.route.local),
+                        "remote": str(active.reclaim),
+                        "forwarder_port": active.forwarder_port,
+                        "options": dict(active.route.options),
+                    },
+                )
             except ApiError as exc:
                 refused.append(f"{active.route.remote}: {exc.message}")
                 say(f"refused  {active.route.remote} -> {active.route.local}: {exc.message}")
@@ -229,8 +242,10 @@ class Tunnel:
         if self.settings.isolation:
             check_nftables()
         else:
-            log.warning("running WITHOUT isolation (--no-isolation): the server can reach every "
-                        "service on this host over WireGuard")
+            log.warning(
+                "running WITHOUT isolation (--no-isolation): the server can reach every "
+                "service on this host over WireGuard"
+            )
         say(f"weft tunnel {self.name}: connecting to {self.settings.server.address}")
         attempt = 0
         connected_once = False
@@ -267,8 +282,9 @@ class Tunnel:
             except ApiError as exc:
                 if not connected_once and 400 <= exc.status < 500:
                     await self._teardown()
-                    raise WeftError(f"the server refused: {exc.message}", ExitCode.ROUTE_REFUSED) \
-                        from None
+                    raise WeftError(
+                        f"the server refused: {exc.message}", ExitCode.ROUTE_REFUSED
+                    ) from None
                 reason = exc.message
             if self._stop.is_set():
                 break
@@ -277,8 +293,10 @@ class Tunnel:
             attempt += 1
             delay = min(self.settings.max_backoff, 0.5 * 2 ** min(attempt, 10))
             delay *= random.uniform(0.5, 1.0)
-            say(f"weft tunnel {self.name}: {reason}; reconnecting in {delay:.1f}s "
-                f"(attempt {attempt})")
+            say(
+                f"weft tunnel {self.name}: {reason}; reconnecting in {delay:.1f}s "
+                f"(attempt {attempt})"
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
@@ -300,7 +318,9 @@ async def _resolve(host: str) -> str:
     return str(infos[0][4][0])
 
 
-async def run_tunnel(settings: TunnelSettings, options: argparse.Namespace, host: PluginHost) -> int:
+async def run_tunnel(
+    settings: TunnelSettings, options: argparse.Namespace, host: PluginHost
+) -> int:
     tunnel = Tunnel(settings, options, host)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -309,5 +329,3 @@ async def run_tunnel(settings: TunnelSettings, options: argparse.Namespace, host
         return await tunnel.run()
     finally:
         await tunnel._teardown()
-
-

@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 
-
 # --- services ------------------------------------------------------------------------------------
 
 
@@ -84,8 +83,11 @@ async def stream(host: str, port: int, size: int) -> dict[str, object]:
         total += len(chunk)
     await sender
     writer.close()
-    return {"sent": len(data), "received": total,
-            "intact": digest.hexdigest() == hashlib.sha256(data).hexdigest()}
+    return {
+        "sent": len(data),
+        "received": total,
+        "intact": digest.hexdigest() == hashlib.sha256(data).hexdigest(),
+    }
 
 
 async def many(host: str, port: int, count: int) -> dict[str, object]:
@@ -114,8 +116,10 @@ async def halfclose(host: str, port: int) -> dict[str, object]:
     writer.write_eof()
     answer = json.loads((await reader.readline()).decode())
     writer.close()
-    return {"answer_ok": answer == {"bytes": len(payload),
-                                    "sha256": hashlib.sha256(payload).hexdigest()}}
+    return {
+        "answer_ok": answer
+        == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    }
 
 
 async def serverclose(host: str, port: int) -> dict[str, object]:
@@ -137,7 +141,7 @@ def probe(host: str, port: int, timeout: float) -> dict[str, object]:
         sock.connect((host, port))
     except ConnectionRefusedError:
         return {"state": "refused"}
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return {"state": "timeout"}
     except OSError as exc:
         return {"state": "unreachable", "error": str(exc)}
@@ -155,8 +159,9 @@ def main() -> None:
     if cmd == "probe":
         result = probe(args[0], int(args[1]), float(args[2]))
     else:
-        func = {"stream": stream, "many": many, "halfclose": halfclose,
-                "serverclose": serverclose}[cmd]
+        func = {"stream": stream, "many": many, "halfclose": halfclose, "serverclose": serverclose}[
+            cmd
+        ]
         result = asyncio.run(func(args[0], int(args[1]), *(int(a) for a in args[2:])))
     print(json.dumps(result), flush=True)
 

@@ -31,8 +31,9 @@ def test_isolation_rules_hold_in_all_three_directions(lab: Lab) -> None:
     service(lab.server, "echo", "0.0.0.0", 7777, name="server-private")
     service(lab.tunnel, "echo", "0.0.0.0", 7778, name="tunnel-private")
     start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:15432")
-    start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:15433", host=second,
-                 name="tunnel2")
+    start_tunnel(
+        lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:15433", host=second, name="tunnel2"
+    )
     ((addr1, fwd1),) = wireguard_listeners(lab.tunnel)
     ((addr2, fwd2),) = wireguard_listeners(second)
     assert addr1 != addr2
@@ -70,8 +71,13 @@ def test_two_tunnel_processes_on_one_host_to_one_server(lab: Lab) -> None:
 def test_secret_from_environment_stays_out_of_the_process_list(lab: Lab) -> None:
     server = start_server(lab)
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
-    tunnel = start_tunnel(lab, f"weft://{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:15432",
-                          extra_env={"WEFT_SECRET": server.secret})
+    tunnel = start_tunnel(
+        lab,
+        f"weft://{SERVER_IP}",
+        "tcp://127.0.0.1:5432",
+        "tcp://:15432",
+        extra_env={"WEFT_SECRET": server.secret},
+    )
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 10_000)["intact"] is True
     cmdline = Path(f"/proc/{tunnel.pid}/cmdline").read_bytes().decode()
     assert server.secret not in cmdline
@@ -85,10 +91,26 @@ def test_secret_from_environment_stays_out_of_the_process_list(lab: Lab) -> None
 def _mitm_certificate() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="weft-mitm-"))
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", folder / "key.pem", "-out", folder / "cert.pem", "-days", "1",
-         "-subj", "/CN=weft-server"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            folder / "key.pem",
+            "-out",
+            folder / "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=weft-server",
+        ],
+        check=True,
+        capture_output=True,
     )
     pem = folder / "both.pem"
     pem.write_bytes((folder / "cert.pem").read_bytes() + (folder / "key.pem").read_bytes())
@@ -101,8 +123,14 @@ def test_tls_terminating_relay_is_refused_and_gets_no_token(lab: Lab) -> None:
     pem = _mitm_certificate()
     # A relay that terminates TLS with its own certificate and re-encrypts to the real server:
     # it sees every byte. The login must fail before anything worth stealing is sent.
-    relay = middle.popen(["socat", f"OPENSSL-LISTEN:9092,reuseaddr,fork,cert={pem},verify=0",
-                          f"OPENSSL:{SERVER_IP}:9092,verify=0"], name="mitm")
+    relay = middle.popen(
+        [
+            "socat",
+            f"OPENSSL-LISTEN:9092,reuseaddr,fork,cert={pem},verify=0",
+            f"OPENSSL:{SERVER_IP}:9092,verify=0",
+        ],
+        name="mitm",
+    )
     # A plain TCP relay (no TLS termination) for contrast: it must work. WireGuard goes to the
     # host the tunnel dialled, so relay its UDP port too.
     middle.popen(["socat", "TCP-LISTEN:9094,reuseaddr,fork", f"TCP:{SERVER_IP}:9092"], name="tcp")
@@ -111,15 +139,28 @@ def test_tls_terminating_relay_is_refused_and_gets_no_token(lab: Lab) -> None:
     assert peer(lab.tunnel, "probe", "198.51.100.30", 9092, 2)["state"] == "open"
 
     mark = server.proc.mark()
-    tunnel = lab.tunnel.popen([WEFT, "tunnel", f"weft://{server.secret}@198.51.100.30",
-                               "tcp://127.0.0.1:5432", "tcp://:15432"], name="victim")
+    tunnel = lab.tunnel.popen(
+        [
+            WEFT,
+            "tunnel",
+            f"weft://{server.secret}@198.51.100.30",
+            "tcp://127.0.0.1:5432",
+            "tcp://:15432",
+        ],
+        name="victim",
+    )
     assert tunnel.wait(timeout=20) == 3, tunnel.output()
     assert "intercepting TLS" in tunnel.output()
     assert "login accepted" not in "\n".join(server.proc.lines()[mark:])
     assert relay.returncode is None
 
-    start_tunnel(lab, f"weft://{server.secret}@198.51.100.30:9094", "tcp://127.0.0.1:5432",
-                 f"tcp://{SERVER_IP}:15432", name="via-tcp-relay")
+    start_tunnel(
+        lab,
+        f"weft://{server.secret}@198.51.100.30:9094",
+        "tcp://127.0.0.1:5432",
+        f"tcp://{SERVER_IP}:15432",
+        name="via-tcp-relay",
+    )
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 10_000)["intact"] is True
     server.proc.wait_for_line(r"login accepted", timeout=5, after=mark)
     assert os.path.exists(pem)

@@ -34,10 +34,14 @@ def test_bytes_intact_both_ways_many_connections_and_half_close(lab: Lab) -> Non
     service(lab.tunnel, "count", "127.0.0.1", 5433)
     service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
     tunnel = start_tunnel(
-        lab, server.url(),
-        "tcp://127.0.0.1:5432", PUBLIC,
-        "tcp://127.0.0.1:5433", "tcp://:15433",
-        "tcp://127.0.0.1:5434", f"tcp://{SERVER_IP}:0",
+        lab,
+        server.url(),
+        "tcp://127.0.0.1:5432",
+        PUBLIC,
+        "tcp://127.0.0.1:5433",
+        "tcp://:15433",
+        "tcp://127.0.0.1:5434",
+        f"tcp://{SERVER_IP}:0",
     )
     urls = ready_urls(tunnel)
     assert urls[:2] == [PUBLIC, f"tcp://{SERVER_IP}:15433"]
@@ -95,8 +99,15 @@ def test_refused_routes_get_clear_4xx_messages(lab: Lab) -> None:
         assert "Traceback" not in tunnel.output()
     # A tunnel with one good and one refused route keeps the good one.
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
-    tunnel = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:15001",
-                          "tcp://127.0.0.1:5432", "tcp://:15000", ready=1)
+    tunnel = start_tunnel(
+        lab,
+        server.url(),
+        "tcp://127.0.0.1:5432",
+        "tcp://:15001",
+        "tcp://127.0.0.1:5432",
+        "tcp://:15000",
+        ready=1,
+    )
     assert peer(lab.visitor, "stream", SERVER_IP, 15001, 10_000)["intact"] is True
     assert re.search(r"refused .*15000", tunnel.output())
 
@@ -118,7 +129,8 @@ def test_sigterm_on_tunnel_frees_port_at_once_and_sigkill_within_30s(lab: Lab) -
     again.kill()  # no goodbye: the server must notice on its own
     wait_until(
         lambda: peer(lab.visitor, "probe", SERVER_IP, 15432, 1)["state"] == "refused",
-        timeout=30, message="the public port of a SIGKILLed tunnel was not freed within 30 s",
+        timeout=30,
+        message="the public port of a SIGKILLed tunnel was not freed within 30 s",
     )
     # And the port can be published again.
     start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", PUBLIC, name="tunnel3")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import binascii
+import contextlib
 import ipaddress
 import logging
 import time
@@ -115,7 +115,9 @@ class ControlApi:
         if method in ("POST", "DELETE") and request.body:
             ctype = request.headers.get("content-type", "")
             if not ctype.startswith("application/json"):
-                raise ApiError(415, "bad_content_type", "send JSON with Content-Type: application/json")
+                raise ApiError(
+                    415, "bad_content_type", "send JSON with Content-Type: application/json"
+                )
         return await handler(request, source, local)
 
     def _body(self, request: Message) -> dict[str, Any]:
@@ -139,7 +141,9 @@ class ControlApi:
     def _tunnel(self, claims: auth.TokenClaims) -> TunnelRecord:
         record = self.server.registry.get(claims.tunnel)
         if record is None:
-            raise ApiError(404, "unknown_tunnel", "this tunnel is not connected; POST /connect first")
+            raise ApiError(
+                404, "unknown_tunnel", "this tunnel is not connected; POST /connect first"
+            )
         return record
 
     # --- login -------------------------------------------------------------------------------
@@ -154,7 +158,9 @@ class ControlApi:
     def _check_rate(self, source: str) -> None:
         wait = self.limiter.blocked(source, time.monotonic())
         if wait > 0:
-            raise ApiError(429, "too_many_failures", f"too many failed logins; retry in {wait:.0f}s")
+            raise ApiError(
+                429, "too_many_failures", f"too many failed logins; retry in {wait:.0f}s"
+            )
 
     async def get_login(self, request: Message, source: str, local: str) -> tuple[int, Any]:
         self._check_rate(source)
@@ -169,10 +175,14 @@ class ControlApi:
         tunnel = _str(body, "tunnel", limit=MAX_NAME)
         if not self._store(local).verify(challenge_id, answer, time.monotonic()):
             self.limiter.failed(source, time.monotonic())
-            log.warning("login refused from %s (wrong secret, stale challenge or TLS interception)",
-                        source)
-            raise ApiError(401, "login_refused",
-                           "the secret was refused (or the challenge expired); check the secret")
+            log.warning(
+                "login refused from %s (wrong secret, stale challenge or TLS interception)", source
+            )
+            raise ApiError(
+                401,
+                "login_refused",
+                "the secret was refused (or the challenge expired); check the secret",
+            )
         self.limiter.succeeded(source)
         token = self.server.tokens.issue(tunnel, local, time.time())
         log.info("login accepted from %s", source)
@@ -206,19 +216,29 @@ class ControlApi:
             try:
                 address = str(server.pool.allocate(preferred))
             except PoolExhausted:
-                raise ApiError(503, "pool_exhausted", "no WireGuard address left; try later") \
-                    from None
+                raise ApiError(
+                    503, "pool_exhausted", "no WireGuard address left; try later"
+                ) from None
             assert server.interface is not None
             try:
-                server.interface.set_peer(Peer(public_key=public_key, allowed_ips=(f"{address}/32",)))
+                server.interface.set_peer(
+                    Peer(public_key=public_key, allowed_ips=(f"{address}/32",))
+                )
             except Exception:
                 server.pool.free(ipaddress.IPv4Address(address))
                 raise
             now = time.time()
-            server.registry.add(TunnelRecord(
-                id=claims.tunnel, name=name, realm=local, public_key=public_key, address=address,
-                connected_since=now, last_seen=now,
-            ))
+            server.registry.add(
+                TunnelRecord(
+                    id=claims.tunnel,
+                    name=name,
+                    realm=local,
+                    public_key=public_key,
+                    address=address,
+                    connected_since=now,
+                    last_seen=now,
+                )
+            )
         log.info("tunnel %s: connected from %s, WireGuard address %s", name, source, address)
         return 200, {
             "address": address,
@@ -266,15 +286,21 @@ class ControlApi:
             published = await protocol.open_server_endpoint(route, ctx)
             route_id = new_route_id()
             record.routes[route_id] = RouteRecord(
-                id=route_id, route=route, published=published, forwarder_port=forwarder_port,
+                id=route_id,
+                route=route,
+                published=published,
+                forwarder_port=forwarder_port,
                 opened_at=time.time(),
             )
         server.plugins.hook.weft_route_published(
             tunnel_name=record.name, route=route, public_url=published.public_url
         )
         log.info("tunnel %s: %s -> %s published", record.name, published.public_url, route.local)
-        return 201, {"id": route_id, "public_url": published.public_url,
-                     "remote": str(published.remote)}
+        return 201, {
+            "id": route_id,
+            "public_url": published.public_url,
+            "remote": str(published.remote),
+        }
 
     async def delete_route(
         self, request: Message, source: str, local: str, route_id: str

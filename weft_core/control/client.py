@@ -66,7 +66,8 @@ class ControlClient:
                     if self.pinned is not None and not hmac.compare_digest(seen, self.pinned):
                         # Never send the token to a certificate the login did not prove.
                         raise ApiError(
-                            495, "certificate_changed",
+                            495,
+                            "certificate_changed",
                             "the server's TLS certificate changed since login",
                         )
                     writer.write(render_request(method, path, self.server.address, payload, token))
@@ -81,7 +82,9 @@ class ControlClient:
         except ApiError as exc:
             if exc.status == 495:
                 raise
-            raise ServerUnreachable(f"bad answer from {self.server.address}: {exc.message}") from None
+            raise ServerUnreachable(
+                f"bad answer from {self.server.address}: {exc.message}"
+            ) from None
         except ssl.SSLError as exc:
             raise ServerUnreachable(
                 f"TLS with {self.server.address} failed: {exc.reason or exc}"

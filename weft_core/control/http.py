@@ -60,9 +60,13 @@ async def read_message(reader: asyncio.StreamReader, *, request: bool) -> Messag
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
-        raise ApiError(431, "head_too_large", f"the request head exceeds {MAX_HEAD} bytes") from None
+        raise ApiError(
+            431, "head_too_large", f"the request head exceeds {MAX_HEAD} bytes"
+        ) from None
     except asyncio.IncompleteReadError as exc:
-        raise ApiError(400, "incomplete", "the connection closed in the middle of the head") from exc
+        raise ApiError(
+            400, "incomplete", "the connection closed in the middle of the head"
+        ) from exc
     if len(head) > MAX_HEAD:
         raise ApiError(431, "head_too_large", f"the request head exceeds {MAX_HEAD} bytes")
     try:

@@ -1,0 +1,356 @@
+"""The UDP forwarder: one socket facing many peers, one session socket per peer towards a target.
+
+Both sides of a udp:// route are one of these:
+
+- on the server, the listening socket is the public port, peers are visitors, and each session
+  socket is connected to the tunnel's forwarder over WireGuard;
+- on the tunnel, the listening socket is the forwarder on the WireGuard address, peers are the
+  server's session sockets (one per visitor), and each session socket is connected to the local
+  target.
+
+Because every visitor gets its own source port towards the tunnel, and the tunnel its own socket
+towards the local service, replies find their way back to the right visitor with no framing: a
+datagram crosses whole, as it was sent, and nothing crosses between visitors.
+
+The listening socket is read in batches straight from a reader callback (up to `BATCH` datagrams
+per wake-up into one shared buffer): that is the hot path of every route, and asyncio's datagram
+transport reads one datagram per loop iteration. Session sockets are asyncio-dgram streams
+(`asyncio_dgram.from_socket`), one small task each awaiting replies; an ICMP error from the target
+(port unreachable while the service is down, ...) surfaces as an exception from `recv()`, which
+counts one dropped datagram and the session carries on.
+
+Sessions live in a sans-IO `SessionTable`: LRU-capped and expired after an idle timeout, so a
+flood of new source ports costs at most `max_sessions` sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import resource
+import socket
+from collections.abc import Callable
+
+import asyncio_dgram
+from weft_core import ConnectionSummary, Counters, NetContext
+
+from .sessions import SessionTable
+
+log = logging.getLogger("weft.udp")
+
+Address = tuple[str, int]
+
+MAX_DATAGRAM = 65535  # the largest UDP payload is 65,507 (IPv4) / 65,527 (IPv6) bytes
+BATCH = 64  # datagrams read per wake-up of the listening socket
+LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (bursts of new visitors)
+SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
+
+_buffer = bytearray(MAX_DATAGRAM)  # shared: reader callbacks run one at a time on the loop thread
+_view = memoryview(_buffer)
+
+# Errors a send can return because an earlier datagram came back as an ICMP error.
+_ICMP_ERRORS = (
+    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EPROTO,
+)
+
+
+def peer_name(addr: Address) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _grow_buffers(sock: socket.socket, size: int) -> None:
+    """Ask for `size`-byte socket buffers (beyond the sysctl cap where we may, as root)."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def ensure_fd_limit(wanted: int) -> int:
+    """Raise this process's open-file soft limit towards `wanted` (never above the hard limit).
+
+    Every session holds one socket; the common default soft limit of 1,024 would cap sessions
+    far below --udp-max-sessions. Returns the soft limit now in force.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover - not on Linux
+        return wanted
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+class _Session:
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "datagrams_in",
+        "datagrams_out",
+        "key",
+        "pumping",
+        "sock",
+        "started",
+        "stream",
+        "task",
+    )
+
+    def __init__(self, key: Address, sock: socket.socket, now: float) -> None:
+        self.key = key
+        self.sock = sock
+        self.stream: asyncio_dgram.aio.DatagramStream | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pumping = False  # the reply task has started (it then owns closing the socket)
+        self.closed = False
+        self.started = now
+        self.bytes_in = self.bytes_out = 0
+        self.datagrams_in = self.datagrams_out = 0
+
+
+class UdpForwarder:
+    """Relay datagrams between peers of `listen` and per-peer sockets connected to `target`.
+
+    `allowed_source`, when set, is the only host whose datagrams are accepted (the tunnel's
+    forwarder takes datagrams from the server's WireGuard address only, isolation or not).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        listen: socket.socket,
+        dial_net: NetContext,
+        target: Address,
+        *,
+        idle_timeout: float = 60.0,
+        max_sessions: int = 10_000,
+        allowed_source: str | None = None,
+        counters: Counters | None = None,
+        on_close: Callable[[ConnectionSummary], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._listen = listen
+        self._dial_net = dial_net
+        self.target = target
+        self.sessions: SessionTable[Address, _Session] = SessionTable(idle_timeout, max_sessions)
+        self._allowed_source = allowed_source
+        self.counters = counters if counters is not None else Counters()
+        self._on_close = on_close
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._warned: set[str] = set()
+
+    @property
+    def address(self) -> Address:
+        host, port = self._listen.getsockname()[:2]
+        return host, port
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.sessions.idle_timeout
+
+    async def start(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        ensure_fd_limit(2 * self.sessions.max_sessions + 1024)
+        self._listen.setblocking(False)
+        _grow_buffers(self._listen, LISTEN_BUFFER)
+        loop.add_reader(self._listen.fileno(), self._read_listen)
+        self._schedule_sweep()
+
+    # --- peers -> target (the hot path) ------------------------------------------------------
+
+    def _read_listen(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        listen = self._listen
+        sessions = self.sessions
+        counters = self.counters
+        allowed = self._allowed_source
+        now = loop.time()
+        for _ in range(BATCH):
+            try:
+                n, addr = listen.recvfrom_into(_buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error on an unconnected socket (IP_RECVERR off: rare)
+                log.debug("%s: receive failed: %s", self.name, exc)
+                continue
+            key: Address = (addr[0], addr[1])
+            if allowed is not None and key[0] != allowed:
+                counters.dropped += 1
+                continue
+            session = sessions.get(key, now)
+            if session is None:
+                session = self._open(key, now)
+                if session is None:
+                    counters.dropped += 1
+                    continue
+            if self._send(session.sock, _view[:n]):
+                counters.datagrams_in += 1
+                counters.bytes_in += n
+                session.datagrams_in += 1
+                session.bytes_in += n
+
+    def _send(self, sock: socket.socket, data: memoryview) -> bool:
+        """Send one datagram to the target; count a drop (or two) when it cannot go."""
+        try:
+            sock.send(data)
+            return True
+        except (BlockingIOError, InterruptedError):
+            self.counters.dropped += 1  # the socket buffer is full: UDP drops, so do we
+            return False
+        except OSError as exc:
+            if exc.errno not in _ICMP_ERRORS:
+                self.counters.dropped += 1
+                self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
+                return False
+        # An earlier datagram came back as an ICMP error (that one is lost: count it); the error
+        # is now cleared, so this one may well go through (the target is back up).
+        self.counters.dropped += 1
+        try:
+            sock.send(data)
+            return True
+        except OSError:
+            self.counters.dropped += 1
+            return False
+
+    def _open(self, key: Address, now: float) -> _Session | None:
+        try:
+            sock = self._dial_net.udp_socket(self.target[0])
+        except OSError as exc:  # EMFILE and the like: this visitor waits for a free slot
+            self.counters.failed += 1
+            self._warn(f"cannot open a session socket: {exc.strerror}")
+            return None
+        try:
+            _grow_buffers(sock, SESSION_BUFFER)
+            sock.connect(self.target)
+        except OSError as exc:
+            sock.close()
+            self.counters.failed += 1
+            self._warn(f"cannot reach {peer_name(self.target)}: {exc.strerror}")
+            return None
+        session = _Session(key, sock, now)
+        for old_key, old in self.sessions.add(key, session, now):
+            self._close_session(old, "evicted" if old_key != key else "replaced")
+        self.counters.connections += 1
+        self.counters.open += 1
+        assert self._loop is not None
+        session.task = self._loop.create_task(self._pump_replies(session))
+        return session
+
+    # --- target -> peer ----------------------------------------------------------------------
+
+    async def _pump_replies(self, session: _Session) -> None:
+        session.pumping = True
+        if session.closed:  # closed between creation and the first step
+            with contextlib.suppress(OSError):
+                session.sock.close()
+            return
+        stream = await asyncio_dgram.from_socket(session.sock)
+        session.stream = stream
+        if session.closed:
+            stream.close()
+            return
+        loop = asyncio.get_running_loop()
+        listen = self._listen
+        counters = self.counters
+        sessions = self.sessions
+        key = session.key
+        while True:
+            try:
+                data, _ = await stream.recv()
+            except asyncio_dgram.TransportClosed:
+                return
+            except OSError:
+                # ICMP error for a datagram we sent (target down, unreachable): it is lost.
+                counters.dropped += 1
+                continue
+            try:
+                listen.sendto(data, key)
+            except OSError:  # full buffer, or the peer's address went away: UDP drops
+                counters.dropped += 1
+                continue
+            n = len(data)
+            counters.datagrams_out += 1
+            counters.bytes_out += n
+            session.datagrams_out += 1
+            session.bytes_out += n
+            sessions.touch(key, loop.time())
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def _close_session(self, session: _Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self.counters.open -= 1
+        if session.stream is not None:
+            session.stream.close()  # the transport closes the socket
+        elif not session.pumping:
+            session.sock.close()  # the task never ran; it will see `closed` if it does
+        if session.task is not None and not session.task.done():
+            session.task.cancel()  # inside from_socket, cancelling closes the transport
+        if self._on_close is not None and self._loop is not None:
+            self._on_close(
+                ConnectionSummary(
+                    peer=peer_name(session.key),
+                    bytes_in=session.bytes_in,
+                    bytes_out=session.bytes_out,
+                    duration=self._loop.time() - session.started,
+                    reason=reason,
+                )
+            )
+
+    def _schedule_sweep(self) -> None:
+        assert self._loop is not None
+        interval = max(0.05, min(self.sessions.idle_timeout / 4, 5.0))
+        self._sweeper = self._loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        for _, session in self.sessions.expire(self._loop.time()):
+            self._close_session(session, "idle timeout")
+        if not self._closed:
+            self._schedule_sweep()
+
+    def _warn(self, message: str) -> None:
+        # Once per kind of message: a flood must not flood the log as well.
+        if message not in self._warned and len(self._warned) < 64:
+            self._warned.add(message)
+            log.warning("%s: %s", self.name, message)
+
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop receiving and close every session (datagrams have nothing to drain)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._loop is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._listen.fileno())
+        with contextlib.suppress(OSError):
+            self._listen.close()
+        tasks = [s.task for _, s in self.sessions.clear() if s.task is not None]
+        for task in tasks:
+            pass
+        for session in [s for s in self._all_sessions_closed_later()]:
+            self._close_session(session, "shutdown")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
