@@ -34,6 +34,7 @@ import socket
 from collections.abc import Callable
 
 import asyncio_dgram
+
 from weft_core import ConnectionSummary, Counters, NetContext
 
 from .sessions import SessionTable
@@ -347,10 +348,9 @@ class UdpForwarder:
                 self._loop.remove_reader(self._listen.fileno())
         with contextlib.suppress(OSError):
             self._listen.close()
-        tasks = [s.task for _, s in self.sessions.clear() if s.task is not None]
-        for task in tasks:
-            pass
-        for session in [s for s in self._all_sessions_closed_later()]:
+        gone = self.sessions.clear()
+        for _, session in gone:
             self._close_session(session, "shutdown")
+        tasks = [s.task for _, s in gone if s.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)

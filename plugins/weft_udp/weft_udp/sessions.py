@@ -32,7 +32,7 @@ class _Entry(Generic[V]):
 
 
 class SessionTable(Generic[K, V]):
-    """Sessions by key (a visitor's address), at most `max_sessions`, dropped after `idle_timeout`."""
+    """Sessions by key (a visitor's address): `max_sessions` at most, idle `idle_timeout` tops."""
 
     def __init__(self, idle_timeout: float, max_sessions: int) -> None:
         if idle_timeout <= 0:

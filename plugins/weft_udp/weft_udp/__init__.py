@@ -1,0 +1,180 @@
+"""udp:// routes: a public UDP port on the server, relayed over WireGuard to a local UDP service.
+
+    weft tunnel weft://SECRET@198.51.100.1 udp://127.0.0.1:53 udp://198.51.100.1:5353
+
+Every visitor address (IP and port) gets its own session: its own socket from the server to the
+tunnel's forwarder, and on the tunnel its own socket to the local service, so each visitor gets
+its own replies, in order. Sessions end after --udp-idle-timeout seconds without traffic either way
+and are capped per route at --udp-max-sessions (the least recently used goes first). See
+docs/udp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import socket
+from typing import Any
+
+from weft_core import (
+    Published,
+    Route,
+    ServerContext,
+    TunnelContext,
+    UsageError,
+    hookimpl,
+)
+
+from .forwarder import UdpForwarder
+from .sessions import SessionTable
+
+__all__ = ["SessionTable", "UdpForwarder", "UdpProtocol"]
+
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_SESSIONS = 10_000
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def _add_options(parser: argparse.ArgumentParser, side: str) -> None:
+    group = parser.add_argument_group("udp:// routes (weft-udp)")
+    group.add_argument(
+        "--udp-idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"end a UDP session after this long without a datagram either way "
+        f"(default {DEFAULT_IDLE_TIMEOUT:.0f})"
+        + ("; keep it at least the server's" if side == "tunnel" else ""),
+    )
+    group.add_argument(
+        "--udp-max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+        help=f"UDP sessions per route at most; the least recently used makes room "
+        f"(default {DEFAULT_MAX_SESSIONS})",
+    )
+
+
+def _option(options: argparse.Namespace, name: str, default: Any) -> Any:
+    value = getattr(options, name, None)
+    return default if value is None else value
+
+
+async def _resolve(host: str, port: int) -> tuple[str, int]:
+    """The local target as an address (resolved once, when the forwarder opens)."""
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise UsageError(f"cannot resolve the local host {host!r}: {exc}") from None
+    return str(infos[0][4][0]), port
+
+
+class UdpProtocol:
+    scheme = "udp"
+    transport = "udp"
+    local_schemes = ("udp",)
+
+    def validate(self, route: Route) -> Route:
+        local, remote = route.local, route.remote
+        if local.scheme not in self.local_schemes:
+            raise UsageError(f"a udp:// route forwards to a udp:// local URL, not {local}")
+        if local.port is None or local.port == 0:
+            raise UsageError(f"local URL {local} needs a port, like udp://127.0.0.1:53")
+        if not local.host:
+            route = Route(local.with_host("127.0.0.1"), remote, route.options)
+        if remote.port is None:
+            route = Route(route.local, remote.with_port(0), route.options)  # the server chooses
+        return route
+
+    def route_options(self, route: Route, options: argparse.Namespace) -> dict[str, Any]:
+        # Told to the server so it can warn when the tunnel would forget sessions first.
+        return {"idle_timeout": _option(options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT)}
+
+    async def open_server_endpoint(self, route: Route, ctx: ServerContext) -> Published:
+        host = ctx.public_host(route.remote)
+        listen = ctx.bind_public_port(
+            "udp", host, route.remote.port or 0, lambda port: ctx.net.bind_udp(host, port)
+        )
+        idle = float(_option(ctx.options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT))
+        tunnel_idle = route.options.get("idle_timeout")
+        if isinstance(tunnel_idle, int | float) and 0 < tunnel_idle < idle:
+            ctx.log.warning(
+                "tunnel %s: its --udp-idle-timeout (%gs) is shorter than this server's (%gs): "
+                "a session quiet for longer reaches the local service from a new port",
+                ctx.tunnel_name, tunnel_idle, idle,
+            )
+        forwarder = UdpForwarder(
+            f"{ctx.tunnel_name} {route.remote.scheme}",
+            listen,
+            ctx.wireguard_net,
+            (ctx.tunnel_address, ctx.forwarder_port),
+            idle_timeout=idle,
+            max_sessions=int(_option(ctx.options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
+            on_close=ctx.connection_closed,
+        )
+        try:
+            await forwarder.start()
+        except BaseException:
+            await forwarder.close()
+            raise
+        bound = route.remote.with_host(host).with_port(forwarder.address[1])
+        return Published(endpoint=forwarder, public_url=str(bound), remote=bound)
+
+    async def open_tunnel_forwarder(
+        self, route: Route, ctx: TunnelContext
+    ) -> tuple[UdpForwarder, int]:
+        assert route.local.port is not None
+        target = await _resolve(route.local.host or "127.0.0.1", route.local.port)
+        listen = ctx.wireguard_net.bind_udp(ctx.address, 0)
+        forwarder = UdpForwarder(
+            f"{ctx.tunnel_name} {route.local}",
+            listen,
+            ctx.local_net,
+            target,
+            idle_timeout=float(_option(ctx.options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+            max_sessions=int(_option(ctx.options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
+            allowed_source=ctx.server_address,
+            on_close=ctx.connection_closed,
+        )
+        try:
+            await forwarder.start()
+        except BaseException:
+            await forwarder.close()
+            raise
+        return forwarder, forwarder.address[1]
+
+
+@hookimpl
+def weft_register_protocols(register: Any) -> None:
+    register(UdpProtocol())
+
+
+@hookimpl
+def weft_server_options(parser: argparse.ArgumentParser) -> None:
+    _add_options(parser, "server")
+
+
+@hookimpl
+def weft_tunnel_options(parser: argparse.ArgumentParser) -> None:
+    _add_options(parser, "tunnel")
