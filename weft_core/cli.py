@@ -147,7 +147,7 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
         help="on SIGTERM, let open connections finish this long (default 5)",
     )
     _common(server)
-    host.hook.weft_server_options(parser=server)
+    host.call_each("weft_server_options", parser=server)
 
     tunnel = sub.add_parser(
         "tunnel",
@@ -184,7 +184,7 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
         help="retry even if the very first connection fails (default: exit)",
     )
     _common(tunnel)
-    host.hook.weft_tunnel_options(parser=tunnel)
+    host.call_each("weft_tunnel_options", parser=tunnel)
 
     sub.add_parser(
         "plugins",
@@ -203,7 +203,7 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     commands = CommandRegistry(sub)
-    host.hook.weft_register_commands(cli=commands)
+    host.call_each("weft_register_commands", cli=commands)
     return parser, commands
 
 

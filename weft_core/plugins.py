@@ -52,7 +52,19 @@ class PluginHost:
             def register(protocol: Any, _name: str = impl.plugin_name) -> None:
                 self._register(protocol, _name)
 
-            impl.function(register=register)
+            self._guarded(impl, register=register)
+
+    def _guarded(self, impl: Any, **kwargs: Any) -> Any:
+        try:
+            return impl.function(**kwargs)
+        except Exception as exc:  # one broken plugin must not take Weft down
+            log.warning("plugin %s failed in %s: %s", impl.plugin_name, impl.function.__name__, exc)
+            return None
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every implementation of `hook_name`; a plugin that raises is logged and skipped."""
+        for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
+            self._guarded(impl, **kwargs)
 
     def _register(self, protocol: Any, plugin_name: str) -> None:
         scheme = protocol.scheme.lower()

@@ -47,6 +47,7 @@ class RouteContext:
         self.tunnel_address = tunnel.address
         self.forwarder_port = forwarder_port
         self.options = server.options
+        self.state_dir = server.state.path
         self.log = logging.getLogger(f"weft.server.{tunnel.name}")
 
     def public_host(self, remote: RouteUrl) -> str:
@@ -183,7 +184,7 @@ class Server:
         self._write_secret_file()
         self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
         self._announce()
-        self.plugins.hook.weft_server_started(server=self)
+        self.plugins.call_each("weft_server_started", server=self)
 
     def _announce(self) -> None:
         assert self.interface is not None
@@ -314,7 +315,7 @@ class Server:
             await route.published.endpoint.close(drain)
         except Exception:
             log.exception("tunnel %s: closing %s failed", record.name, route.published.public_url)
-        self.plugins.hook.weft_route_closed(tunnel_name=record.name, route=route.route)
+        self.plugins.call_each("weft_route_closed", tunnel_name=record.name, route=route.route)
         log.info("tunnel %s: %s closed", record.name, route.published.public_url)
 
     async def _reap_loop(self) -> None:
@@ -346,7 +347,7 @@ class Server:
         if getattr(self, "_reaper", None) is not None:
             self._reaper.cancel()
         with contextlib.suppress(Exception):
-            self.plugins.hook.weft_server_stopping(server=self)
+            self.plugins.call_each("weft_server_stopping", server=self)
         await asyncio.gather(
             *(
                 self.remove_tunnel(t.id, "server stopping", self.settings.drain_timeout)

@@ -32,6 +32,7 @@ from .wireguard.keys import generate_private_key, public_key
 log = logging.getLogger("weft.tunnel")
 
 HANDSHAKE_TIMEOUT = 10.0
+ROUTE_TIMEOUT = 150.0  # POST /routes may wait for an ACME order on the server
 RULE_PRIORITY = 5000
 
 
@@ -181,6 +182,7 @@ class Tunnel:
                         "forwarder_port": active.forwarder_port,
                         "options": dict(active.route.options),
                     },
+                    timeout=ROUTE_TIMEOUT,
                 )
             except ApiError as exc:
                 refused.append(f"{active.route.remote}: {exc.message}")
@@ -265,7 +267,7 @@ class Tunnel:
                     say(f"weft tunnel {self.name}: reconnected after {attempt} attempt(s)")
                 attempt = 0
                 connected_once = True
-                self.plugins.hook.weft_tunnel_connected(tunnel=self)
+                self.plugins.call_each("weft_tunnel_connected", tunnel=self)
                 await self._health_loop()
             except (LoginRefused, RouteRefused) as exc:
                 if not connected_once or isinstance(exc, LoginRefused):
@@ -289,7 +291,7 @@ class Tunnel:
             if self._stop.is_set():
                 break
             await self._teardown()
-            self.plugins.hook.weft_tunnel_disconnected(tunnel=self)
+            self.plugins.call_each("weft_tunnel_disconnected", tunnel=self)
             attempt += 1
             delay = min(self.settings.max_backoff, 0.5 * 2 ** min(attempt, 10))
             delay *= random.uniform(0.5, 1.0)
