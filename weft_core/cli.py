@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import load_toml, to_defaults, tunnel_config
 from .errors import ApiError, ExitCode, UsageError, WeftError
 from .plugins import PluginHost, load_plugins
 from .settings import (
@@ -59,6 +60,7 @@ class CommandRegistry:
 
     def __init__(self, subparsers: Any) -> None:
         self._subparsers = subparsers
+        self.parsers: dict[str, argparse.ArgumentParser] = subparsers.choices
         self.runners: dict[str, Callable[[argparse.Namespace, PluginHost], int]] = {}
 
     def add_command(
@@ -101,6 +103,17 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
     server.add_argument("--port", type=int, default=9092, help="control port, TCP (default 9092)")
     server.add_argument(
         "--wireguard-port", type=int, default=9093, help="WireGuard port, UDP (default 9093)"
+    )
+    server.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read settings from a TOML file (keys are these flags' names; flags win)",
+    )
+    server.add_argument(
+        "--use-secret-per-ip",
+        action="store_true",
+        help="give each bind address its own secret (with --secret-file: PATH.<ip> per address)",
     )
     server.add_argument(
         "--secret-file",
@@ -157,13 +170,20 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tunnel.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read the server, routes and options from a TOML file (see docs/operations.md)",
+    )
+    tunnel.add_argument(
         "server_url",
+        nargs="?",
         metavar="weft://SECRET@HOST[:PORT]",
         help="the server to connect to (the secret may come from $WEFT_SECRET)",
     )
     tunnel.add_argument(
         "urls",
-        nargs="+",
+        nargs="*",
         metavar="LOCAL REMOTE",
         help="pairs of local and remote URLs, like tcp://127.0.0.1:5432 tcp://:15432",
     )
@@ -201,6 +221,31 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
     )
     listing.add_argument("server_url", metavar="weft://SECRET@HOST[:PORT]")
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+    listing.add_argument("-l", "--long", action="store_true", help="human-readable sizes")
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="relay SRC to DST locally, without a server",
+        description="Accept on SRC and relay to DST with the same plugins and relay as tunnels.",
+        epilog="examples:\n"
+        "  weft proxy tcp://0.0.0.0:8080 tcp://127.0.0.1:80\n"
+        "  weft proxy udp://127.0.0.1:5353 udp://127.0.0.1:53",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    proxy.add_argument("src", metavar="SRC", help="where to accept, like tcp://0.0.0.0:8080")
+    proxy.add_argument("dst", metavar="DST", help="where to relay to, like tcp://127.0.0.1:80")
+    proxy.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="close connections idle this long (default 3600)",
+    )
+    proxy.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    proxy.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="text or json log lines"
+    )
+    host.call_each("weft_tunnel_options", parser=proxy)
 
     commands = CommandRegistry(sub)
     host.call_each("weft_register_commands", cli=commands)
@@ -225,16 +270,40 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run without the nftables isolation rules (not recommended)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text (default) or as one JSON object per line, for collectors",
+    )
 
 
-def _setup_logging(verbose: bool, default: int) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors (`--log-format json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(args: argparse.Namespace, default: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    level = logging.INFO if args.verbose else default
     logging.basicConfig(
-        level=logging.DEBUG
-        if os.environ.get("WEFT_DEBUG")
-        else (logging.INFO if verbose else default),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        level=logging.DEBUG if os.environ.get("WEFT_DEBUG") else level, handlers=[handler]
     )
 
 
@@ -245,6 +314,8 @@ def _port(value: int, flag: str) -> int:
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
+    if args.use_secret_per_ip and not args.bind_ips:
+        raise UsageError("--use-secret-per-ip needs --bind-ips: one secret per listed address")
     port = _port(args.port, "--port")
     wg_port = _port(args.wireguard_port, "--wireguard-port")
     if port == wg_port:
@@ -260,23 +331,37 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         verbose=args.verbose,
         isolation=not args.no_isolation,
         wireguard_backend=args.wireguard_backend,
+        secret_per_ip=args.use_secret_per_ip,
         idle_timeout=args.idle_timeout,
         health_timeout=args.health_timeout,
         drain_timeout=args.drain_timeout,
     )
 
 
-def tunnel_settings(args: argparse.Namespace) -> TunnelSettings:
-    server = parse_server_url(args.server_url)
+def tunnel_settings(
+    args: argparse.Namespace, config: tuple[str | None, list[Any]] | None = None
+) -> TunnelSettings:
+    server_text, config_routes = config if config is not None else (None, [])
+    server_text = args.server_url or server_text
+    if not server_text:
+        raise UsageError("give the server, like weft://SECRET@HOST, or a --config file naming it")
+    server = parse_server_url(server_text)
     if len(args.urls) % 2:
         raise UsageError(
             "give LOCAL REMOTE pairs, like tcp://127.0.0.1:5432 tcp://:15432 "
             f"(got {len(args.urls)} URL{'s' if len(args.urls) != 1 else ''})"
         )
+    pairs: list[tuple[str, str, dict[str, Any]]] = [
+        (local, remote, {}) for local, remote in zip(args.urls[::2], args.urls[1::2], strict=True)
+    ]
     routes = tuple(
-        RouteSpec(parse_route_url(local, "local URL"), parse_route_url(remote, "remote URL"))
-        for local, remote in zip(args.urls[::2], args.urls[1::2], strict=True)
+        RouteSpec(
+            parse_route_url(local, "local URL"), parse_route_url(remote, "remote URL"), options
+        )
+        for local, remote, options in pairs + list(config_routes)
     )
+    if not routes:
+        raise UsageError("give at least one LOCAL REMOTE pair, like tcp://127.0.0.1:5432 tcp://:0")
     name = args.name or f"{socket.gethostname()[:24]}-{os.getpid()}"
     return TunnelSettings(
         server=server,
@@ -301,6 +386,57 @@ def _print_plugins(host: PluginHost) -> int:
     return ExitCode.OK
 
 
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _ago(then: float, now: float) -> str:
+    seconds = max(0, int(now - then))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> str:
+    """The `weft list` table: one row per route (a tunnel without routes gets one row)."""
+    size = human_size if human else (lambda n: str(int(n)))
+    header = ("NAME", "WG ADDRESS", "PUBLIC", "LOCAL", "IN", "OUT", "CONNS", "SINCE", "LAST SEEN")
+    rows = [header]
+    for t in tunnels:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["connected_since"]))
+        routes = t["routes"] or [
+            {"public_url": "-", "local": "-", "bytes_in": 0, "bytes_out": 0, "connections": 0}
+        ]
+        for r in routes:
+            rows.append(
+                (
+                    t["name"],
+                    t["address"],
+                    r["public_url"],
+                    r["local"],
+                    size(r["bytes_in"]),
+                    size(r["bytes_out"]),
+                    str(r["connections"]),
+                    since,
+                    _ago(t["last_seen"], now),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if 4 <= i <= 6 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
+
+
 def _list_tunnels(args: argparse.Namespace) -> int:
     from .control.client import ControlClient
 
@@ -309,23 +445,10 @@ def _list_tunnels(args: argparse.Namespace) -> int:
     tunnels = answer.get("tunnels", [])
     if args.json:
         print(json.dumps(tunnels, indent=2))
-        return ExitCode.OK
-    if not tunnels:
+    elif not tunnels:
         print("no tunnels")
-        return ExitCode.OK
-    print(
-        f"{'name':<24} {'address':<14} {'public':<32} {'local':<26} {'in':>10} {'out':>10} "
-        f"{'conns':>6}  since"
-    )
-    for t in tunnels:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["connected_since"]))
-        for r in t["routes"] or [
-            {"public_url": "-", "local": "-", "bytes_in": 0, "bytes_out": 0, "connections": 0}
-        ]:
-            print(
-                f"{t['name']:<24} {t['address']:<14} {r['public_url']:<32} {r['local']:<26} "
-                f"{r['bytes_in']:>10} {r['bytes_out']:>10} {r['connections']:>6}  {since}"
-            )
+    else:
+        print(format_tunnels(tunnels, args.long, time.time()))
     return ExitCode.OK
 
 
@@ -337,18 +460,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return ExitCode.USAGE
+        config = None
+        if args.command in ("server", "tunnel") and args.config is not None:
+            # Settings from the file become defaults; flags on the command line still win.
+            sub = commands.parsers[args.command]
+            if args.command == "tunnel":
+                server_text, routes, defaults = tunnel_config(sub, args.config)
+                config = (server_text, routes)
+            else:
+                defaults = to_defaults(sub, load_toml(args.config), str(args.config))
+            sub.set_defaults(**defaults)
+            args = parser.parse_args(argv)
         if args.command == "server":
             from .server import run_server
 
             settings = server_settings(args)
-            _setup_logging(args.verbose, logging.INFO)
+            _setup_logging(args, logging.INFO)
             return asyncio.run(run_server(settings, args, host))
         if args.command == "tunnel":
             from .tunnel import run_tunnel
 
-            tsettings = tunnel_settings(args)
-            _setup_logging(args.verbose, logging.WARNING)
+            tsettings = tunnel_settings(args, config)
+            _setup_logging(args, logging.WARNING)
             return asyncio.run(run_tunnel(tsettings, args, host))
+        if args.command == "proxy":
+            from .proxy import run_proxy
+
+            _setup_logging(args, logging.WARNING)
+            src = parse_route_url(args.src, "SRC")
+            dst = parse_route_url(args.dst, "DST")
+            return asyncio.run(run_proxy(src, dst, args, host))
         if args.command == "plugins":
             return _print_plugins(host)
         if args.command == "list":

@@ -11,6 +11,7 @@ import argparse
 import logging
 import socket
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -60,6 +61,7 @@ class ServerContext(Protocol):
     wireguard_net: NetContext  # where sockets towards the tunnel are made
     options: argparse.Namespace  # the server's command-line options (plugins add their own)
     log: logging.Logger
+    state_dir: Path  # the server's state directory (0700): plugins keep their files under it
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         """Report a finished visitor connection (logged with --verbose)."""
@@ -89,6 +91,7 @@ class TunnelContext(Protocol):
     wireguard_net: NetContext  # where the forwarder listens
     local_net: NetContext  # where sockets to the local target are made
     address: str  # this tunnel's WireGuard address (the forwarder binds here)
+    listen_port: int  # the port to bind there: 0 (any) in a tunnel, the given one in `weft proxy`
     server_address: str  # the server's WireGuard address (the only allowed caller)
     tunnel_name: str  # for logs
     options: argparse.Namespace

@@ -15,6 +15,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from . import auth
 from .control.api import ControlApi
@@ -95,7 +96,7 @@ class Server:
         self.registry = Registry()
         self.pool = AddressPool(str(settings.subnet))
         self.server_address = str(self.pool.server_address)
-        self.per_ip_secrets = False
+        self.per_ip_secrets = settings.secret_per_ip
         self.state = StateDir(settings.state_dir)
         self.interface: WireGuardInterface | None = None
         self.isolation: ServerIsolation | None = None
@@ -108,9 +109,13 @@ class Server:
     # --- start -------------------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        self.secret = self.state.text("secret", auth.new_secret)
-        if len(self.secret) < 43:
-            raise WeftError(f"{self.state.file('secret')} holds a secret shorter than 32 bytes")
+        # One secret for the server, or one per bind address with --use-secret-per-ip.
+        self.secrets: dict[str, str] = {}
+        self.secret = ""
+        if self.per_ip_secrets:
+            self.secrets = {ip: self._load_secret(f"secret-{ip}") for ip in self.settings.bind_ips}
+        else:
+            self.secret = self._load_secret("secret")
         self.wireguard_key = self.state.text("wireguard.key", generate_private_key)
         self.wireguard_public_key = public_key(self.wireguard_key)
         self.token_key = self.state.load_or_create(
@@ -127,19 +132,32 @@ class Server:
         self.fingerprint = auth.fingerprint(der)
         self.tokens = auth.TokenIssuer(self.token_key)
 
+    def _load_secret(self, name: str) -> str:
+        secret = self.state.text(name, auth.new_secret)
+        if len(secret) < 43:
+            raise WeftError(f"{self.state.file(name)} holds a secret shorter than 32 bytes")
+        return secret
+
     def _make_certificate(self) -> bytes:
         cert, key = make_tls_certificate(list(self.settings.bind_ips))
         write_private(self.state.file("control.key"), key)
         return cert
 
-    def _write_secret_file(self) -> None:
+    def secret_files(self) -> dict[str, Path]:
+        """Where --secret-file puts each secret: PATH itself, or PATH.<ip> per address."""
         path = self.settings.secret_file
         if path is None:
-            return
-        try:
-            write_private(path, (self.secret + "\n").encode())
-        except OSError as exc:
-            raise WeftError(f"cannot write the secret to {path}: {exc.strerror}") from None
+            return {}
+        if not self.per_ip_secrets:
+            return {"": path}
+        return {ip: path.with_name(f"{path.name}.{ip}") for ip in self.settings.bind_ips}
+
+    def _write_secret_file(self) -> None:
+        for ip, path in self.secret_files().items():
+            try:
+                write_private(path, (self.secret_for(ip) + "\n").encode())
+            except OSError as exc:
+                raise WeftError(f"cannot write the secret to {path}: {exc.strerror}") from None
 
     async def start(self) -> None:
         self._load_state()
@@ -195,16 +213,20 @@ class Server:
             f"UDP port {self.settings.wireguard_port}",
             file=out,
         )
-        print(f"weft server: connection secret: {self.secret}", file=out)
-        if self.settings.secret_file:
-            print(f"weft server: secret written to {self.settings.secret_file}", file=out)
+        if not self.per_ip_secrets:
+            print(f"weft server: connection secret: {self.secret}", file=out)
+        for ip, path in self.secret_files().items():
+            print(f"weft server: secret{' for ' + ip if ip else ''} written to {path}", file=out)
         for ip in self._advertised_ips():
             address = format_host_port(ip, self.settings.port)
             port_part = "" if self.settings.port == 9092 else f":{self.settings.port}"
             host_part = f"[{ip}]" if ":" in ip else ip
+            secret = self.secret_for(ip)
+            if self.per_ip_secrets:
+                print(f"weft server: connection secret for {ip}: {secret}", file=out)
             print(f"weft server: listening on {address}; connect a tunnel with:", file=out)
             print(
-                f"  weft tunnel weft://{self.secret}@{host_part}{port_part} LOCAL_URL REMOTE_URL",
+                f"  weft tunnel weft://{secret}@{host_part}{port_part} LOCAL_URL REMOTE_URL",
                 file=out,
             )
         out.flush()
@@ -217,7 +239,10 @@ class Server:
 
     def secret_for(self, local_address: str) -> str:
         """The connection secret for logins arriving at `local_address`."""
-        return self.secret
+        if not self.per_ip_secrets:
+            return self.secret
+        # An address without a secret of its own accepts no login at all.
+        return self.secrets.get(local_address) or auth.new_secret()
 
     def route_context(self, tunnel: TunnelRecord, forwarder_port: int) -> RouteContext:
         return RouteContext(self, tunnel, forwarder_port)

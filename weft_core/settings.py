@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -71,6 +72,7 @@ class ServerSettings:
     verbose: bool = False
     isolation: bool = True
     wireguard_backend: str = "auto"
+    secret_per_ip: bool = False
     idle_timeout: float = 3600.0
     health_timeout: float = 20.0  # a tunnel silent this long is reclaimed
     drain_timeout: float = 5.0  # how long SIGTERM lets open connections finish
@@ -83,6 +85,7 @@ class ServerSettings:
 class RouteSpec:
     local: RouteUrl
     remote: RouteUrl
+    options: dict[str, Any] = attrs.field(factory=dict)  # per-route flag overrides (config file)
 
 
 @attrs.frozen

@@ -64,15 +64,25 @@ class ActiveRoute:
 class ForwarderContext:
     """The `TunnelContext` a plugin gets while it opens a forwarder."""
 
-    def __init__(self, tunnel: Tunnel, address: str, server_address: str) -> None:
+    def __init__(
+        self,
+        tunnel_name: str,
+        options: argparse.Namespace,
+        address: str,
+        server_address: str,
+        *,
+        listen_port: int = 0,
+        verbose: bool = False,
+    ) -> None:
         self.wireguard_net: NetContext = HOST_NET
         self.local_net: NetContext = HOST_NET
         self.address = address
+        self.listen_port = listen_port
         self.server_address = server_address
-        self.tunnel_name = tunnel.name
-        self.options = tunnel.options
+        self.tunnel_name = tunnel_name
+        self.options = options
         self.log = log
-        self._verbose = tunnel.settings.verbose
+        self._verbose = verbose
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         if self._verbose:
@@ -100,7 +110,8 @@ class Tunnel:
         for spec in settings.routes:
             protocol = host.protocol(spec.remote.scheme)
             route = protocol.validate(Route(spec.local, spec.remote))
-            route = Route(route.local, route.remote, protocol.route_options(route, options))
+            route_args = argparse.Namespace(**{**vars(options), **spec.options})
+            route = Route(route.local, route.remote, protocol.route_options(route, route_args))
             self.routes.append(ActiveRoute(route=route, protocol=protocol, reclaim=route.remote))
         self.address: str | None = None
         self.interface: WireGuardInterface | None = None
@@ -145,7 +156,9 @@ class Tunnel:
         iface.add_source_rule(address, table=table, priority=RULE_PRIORITY)
         await self._wait_for_handshake(iface, endpoint_host, int(answer["wireguard_port"]))
 
-        ctx = ForwarderContext(self, address, server_address)
+        ctx = ForwarderContext(
+            self.name, self.options, address, server_address, verbose=self.settings.verbose
+        )
         for active in self.routes:
             active.forwarder, active.forwarder_port = await active.protocol.open_tunnel_forwarder(
                 active.route, ctx

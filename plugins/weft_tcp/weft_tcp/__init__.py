@@ -56,7 +56,7 @@ class TcpProtocol:
     async def open_tunnel_forwarder(
         self, route: Route, ctx: TunnelContext
     ) -> tuple[TcpForwarder, int]:
-        listen = ctx.wireguard_net.listen_tcp(ctx.address, 0)
+        listen = ctx.wireguard_net.listen_tcp(ctx.address, ctx.listen_port)
         assert route.local.port is not None
         forwarder = TcpForwarder(
             f"{ctx.tunnel_name} {route.local}",

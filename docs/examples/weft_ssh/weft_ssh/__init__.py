@@ -61,7 +61,7 @@ class SshProtocol:
         assert route.local.port is not None
         forwarder = TcpForwarder(
             f"{ctx.tunnel_name} ssh",
-            ctx.wireguard_net.listen_tcp(ctx.address, 0),
+            ctx.wireguard_net.listen_tcp(ctx.address, ctx.listen_port),
             ctx.local_net,
             (route.local.host, route.local.port),
             on_close=ctx.connection_closed,
