@@ -25,7 +25,7 @@ from .plugins import PluginHost
 from .protocol import Endpoint, Route, TunnelProtocol
 from .relay import ConnectionSummary
 from .settings import TunnelSettings
-from .urls import RouteUrl, format_host_port
+from .urls import RouteUrl, format_host_port, parse_route_url
 from .wireguard import Peer, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
 
@@ -198,14 +198,12 @@ class Tunnel:
                     timeout=ROUTE_TIMEOUT,
                 )
             except ApiError as exc:
-                refused.append(f"{active.route.remote}: {exc.message}")
+                refused.append(exc.message)
                 say(f"refused  {active.route.remote} -> {active.route.local}: {exc.message}")
                 continue
             active.route_id = str(answer["id"])
             active.public_url = str(answer["public_url"])
             with contextlib.suppress(WeftError):
-                from .urls import parse_route_url
-
                 active.reclaim = parse_route_url(str(answer["remote"]))
             say(f"ready  {active.public_url} -> {active.route.local}")
         if refused and len(refused) == len(self.routes):
@@ -247,6 +245,7 @@ class Tunnel:
         self.client.timeout = 2.0
         with contextlib.suppress(WeftError, ApiError):
             await self.client.call("DELETE", "/connect")
+        self.client.token = None  # said once is enough
 
     # --- the whole life ----------------------------------------------------------------------
 
@@ -343,4 +342,6 @@ async def run_tunnel(
     try:
         return await tunnel.run()
     finally:
+        # Also when giving up (route refused, ...): never leave a registration behind.
+        await tunnel._goodbye()
         await tunnel._teardown()
