@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import auth
+from . import auth, telemetry
 from .control.api import ControlApi
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import ServerIsolation, check_nftables
@@ -101,10 +101,10 @@ class Server:
         self.interface: WireGuardInterface | None = None
         self.isolation: ServerIsolation | None = None
         self._listeners: list[asyncio.Server] = []
+        self.telemetry: telemetry.Telemetry | None = None
         self._stopping = asyncio.Event()
-        self._lock = (
-            asyncio.Lock()
-        )  # registry changes that await (opening endpoints) run one at a time
+        # Registry changes that await (opening endpoints) run one at a time.
+        self.lock = asyncio.Lock()
 
     # --- start -------------------------------------------------------------------------------
 
@@ -200,6 +200,12 @@ class Server:
                 ) from None
             self._listeners.append(listener)
         self._write_secret_file()
+        self.telemetry = await telemetry.start(
+            telemetry.settings_from_options(self.options),
+            "weft-server",
+            lambda: telemetry.server_routes(self),
+            lambda: telemetry.server_tunnels(self),
+        )
         self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
         self._announce()
         self.plugins.call_each("weft_server_started", server=self)
@@ -284,10 +290,7 @@ class Server:
         reserved: dict[int, str],
         bind: Callable[[int], socket.socket],
     ) -> socket.socket:
-        candidates = [
-            p for lo, hi in self.settings.allow_ports for p in (random.randint(lo, hi),)
-        ] + [random.choice(self._all_allowed()) for _ in range(64)]
-        for port in candidates:
+        for port in self._port_candidates():
             if port in reserved:
                 continue
             try:
@@ -297,12 +300,20 @@ class Server:
                     raise self._bind_error(transport, host, port, exc) from None
         raise ApiError(409, "no_free_port", f"no free {transport} port in the allowed ranges")
 
-    def _all_allowed(self) -> list[int]:
-        if not hasattr(self, "_allowed_cache"):
-            self._allowed_cache = [
-                p for lo, hi in self.settings.allow_ports for p in range(lo, hi + 1)
-            ]
-        return self._allowed_cache
+    def _port_candidates(self) -> list[int]:
+        """64 random allowed ports; then, for small ranges, every allowed port in order."""
+        ranges = self.settings.allow_ports
+        total = sum(hi - lo + 1 for lo, hi in ranges)
+
+        def nth(k: int) -> int:
+            for lo, hi in ranges:
+                if k <= hi - lo:
+                    return lo + k
+                k -= hi - lo + 1
+            raise IndexError(k)  # pragma: no cover
+
+        picks = [nth(random.randrange(total)) for _ in range(64)]
+        return picks + ([nth(k) for k in range(total)] if total <= 4096 else [])
 
     @staticmethod
     def _bind_error(transport: str, host: str, port: int, exc: OSError) -> ApiError:
@@ -348,7 +359,7 @@ class Server:
             await asyncio.sleep(REAP_INTERVAL)
             deadline = time.time() - self.settings.health_timeout
             for record in self.registry.silent_since(deadline):
-                async with self._lock:
+                async with self.lock:
                     if self.registry.get(record.id) is record:
                         await self.remove_tunnel(
                             record.id, f"no health check for {self.settings.health_timeout:.0f}s"
@@ -383,6 +394,8 @@ class Server:
 
     def cleanup(self) -> None:
         """Remove firewall rules and the interface; safe to call twice and after a failed start."""
+        telemetry.stop(self.telemetry)
+        self.telemetry = None
         if self.isolation is not None:
             self.isolation.close()
             self.isolation = None

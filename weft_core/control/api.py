@@ -26,6 +26,7 @@ from .. import auth
 from ..errors import ApiError, UsageError
 from ..protocol import Route
 from ..registry import RouteRecord, TunnelRecord, new_route_id
+from ..telemetry import record_event
 from ..urls import parse_route_url
 from ..wireguard import Peer, PoolExhausted
 from .http import Message, read_message, render_response
@@ -168,13 +169,18 @@ class ControlApi:
         return 200, {"challenge_id": challenge_id, "challenge": sealed}
 
     async def post_login(self, request: Message, source: str, local: str) -> tuple[int, Any]:
-        self._check_rate(source)
+        try:
+            self._check_rate(source)
+        except ApiError:
+            record_event("login", result="refused", reason="rate_limited", bind_address=local)
+            raise
         body = self._body(request)
         challenge_id = _str(body, "challenge_id", limit=64)
         answer = _str(body, "answer", limit=512)
         tunnel = _str(body, "tunnel", limit=MAX_NAME)
         if not self._store(local).verify(challenge_id, answer, time.monotonic()):
             self.limiter.failed(source, time.monotonic())
+            record_event("login", result="refused", reason="bad_answer", bind_address=local)
             log.warning(
                 "login refused from %s (wrong secret, stale challenge or TLS interception)", source
             )
@@ -184,6 +190,7 @@ class ControlApi:
                 "the secret was refused (or the challenge expired); check the secret",
             )
         self.limiter.succeeded(source)
+        record_event("login", result="accepted", bind_address=local)
         token = self.server.tokens.issue(tunnel, local, time.time())
         log.info("login accepted from %s", source)
         return 200, {"token": token, "expires_in": self.server.tokens.ttl}
@@ -202,7 +209,7 @@ class ControlApi:
         name = _str(body, "name", limit=MAX_NAME, required=False) or claims.tunnel[:12]
         preferred_text = _str(body, "address", limit=64, required=False)
         server = self.server
-        async with server._lock:
+        async with server.lock:
             other = server.registry.by_public_key(public_key)
             if other is not None and other.id != claims.tunnel:
                 raise ApiError(409, "key_in_use", "another tunnel uses this WireGuard key")
@@ -251,7 +258,7 @@ class ControlApi:
     async def delete_connect(self, request: Message, source: str, local: str) -> tuple[int, Any]:
         claims = self._claims(request, local)
         record = self._tunnel(claims)
-        async with self.server._lock:
+        async with self.server.lock:
             await self.server.remove_tunnel(record.id, "goodbye")
         return 200, {"ok": True}
 
@@ -274,7 +281,7 @@ class ControlApi:
         except UsageError as exc:
             raise ApiError(400, "unknown_scheme", f"this server: {exc.message}") from None
         server = self.server
-        async with server._lock:
+        async with server.lock:
             record = self._tunnel(claims)
             # Reclaim: the same tunnel publishing the same remote again replaces its old route.
             for route_id, old in list(record.routes.items()):
@@ -292,8 +299,11 @@ class ControlApi:
                 forwarder_port=forwarder_port,
                 opened_at=time.time(),
             )
-        server.plugins.hook.weft_route_published(
-            tunnel_name=record.name, route=route, public_url=published.public_url
+        server.plugins.call_each(
+            "weft_route_published",
+            tunnel_name=record.name,
+            route=route,
+            public_url=published.public_url,
         )
         log.info("tunnel %s: %s -> %s published", record.name, published.public_url, route.local)
         return 201, {
@@ -306,7 +316,7 @@ class ControlApi:
         self, request: Message, source: str, local: str, route_id: str
     ) -> tuple[int, Any]:
         claims = self._claims(request, local)
-        async with self.server._lock:
+        async with self.server.lock:
             record = self._tunnel(claims)
             if route_id not in record.routes:
                 raise ApiError(404, "unknown_route", f"this tunnel has no route {route_id[:32]!r}")
