@@ -220,7 +220,13 @@ class TokenIssuer:
                 self._key,
                 algorithms=[TOKEN_ALGORITHM],
                 audience=TOKEN_AUDIENCE,
-                options={"require": ["sub", "exp", "aud", "realm"], "verify_exp": False},
+                # Time is checked below against the caller's `now`, not the real clock.
+                options={
+                    "require": ["sub", "exp", "aud", "realm"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:
         part = part.strip()
         if not part:
             continue
-        lo_text, _, hi_text = part.partition("-")
-        if not lo_text.isdigit() or (hi_text and not hi_text.isdigit()):
+        lo_text, dash, hi_text = part.partition("-")
+        digits = re.compile(r"[0-9]{1,5}")
+        if not digits.fullmatch(lo_text) or (dash and not digits.fullmatch(hi_text)):
             raise UsageError(f"--allow-ports: {part!r} is not a port or a range like 1024-65535")
         lo, hi = int(lo_text), int(hi_text or lo_text)
         if not 1 <= lo <= hi <= 65535:

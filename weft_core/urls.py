@@ -44,7 +44,7 @@ def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
         raise UsageError(f"{what}: {host!r} is not a valid host name or address")
     if port_text is None:
         return host, None
-    if port_text == "" or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"{what}: port {port_text!r} must be a number from 0 to 65535")
     return host, int(port_text)
 
@@ -101,12 +101,21 @@ def parse_server_url(text: str, environ: dict[str, str] | None = None) -> Server
     host, port = _split_host_port(rest, "server URL")
     if not host:
         raise UsageError("server URL: the host is missing (weft://SECRET@HOST[:PORT])")
+    if port == 0:
+        raise UsageError("server URL: the control port must be from 1 to 65535 (default 9092)")
     return ServerUrl(secret=secret, host=host, port=DEFAULT_CONTROL_PORT if port is None else port)
 
 
 def _redact(text: str) -> str:
-    """Hide whatever could be a secret in a URL we are about to complain about."""
-    return re.sub(r"//[^@/]*@", "//***@", text)
+    """Hide whatever could be a secret in a URL we are about to complain about.
+
+    Everything before the last `@` may be a secret, whatever the rest looks like.
+    """
+    head, at, tail = text.rpartition("@")
+    if not at:
+        return text if len(text) < 16 else text[:8] + "..."  # maybe a secret with no host
+    scheme = head.split("://", 1)[0] + "://" if "://" in head else ""
+    return f"{scheme}***@{tail}"
 
 
 @attrs.frozen

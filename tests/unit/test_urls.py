@@ -122,11 +122,6 @@ def test_bad_server_urls_are_usage_errors_without_the_secret(text: str, needle: 
     assert err.value.exit_code == ExitCode.USAGE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _redact only hides `//...@`, so a URL without `//` (missing scheme, `weft:/`) "
-    "or with a `/` in the secret is echoed verbatim, secret included, in the UsageError",
-)
 @pytest.mark.parametrize(
     "text",
     [
@@ -142,11 +137,6 @@ def test_secret_not_echoed_when_the_scheme_is_missing_or_mangled(text: str) -> N
     assert secret not in err.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the server URL accepts control port 0, which can never be dialled; "
-    "it should be a UsageError like any other bad port",
-)
 def test_server_url_port_zero_is_refused() -> None:
     with pytest.raises(UsageError, match="port"):
         parse_server_url(f"weft://{SECRET}@h:0", environ=NO_ENV)
@@ -236,11 +226,6 @@ def test_route_url_error_does_not_echo_credentials_and_names_the_url() -> None:
     assert "local URL" in err.value.message and "127.0.0.1:99999" in err.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ports are checked with str.isdigit(), which accepts digits int() rejects "
-    "(e.g. '²'), so a ValueError escapes instead of a UsageError (a traceback in the CLI)",
-)
 def test_unicode_digit_port_is_a_usage_error() -> None:
     with pytest.raises(UsageError):
         parse_route_url("tcp://127.0.0.1:\u00b2")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import attrs
@@ -51,7 +52,7 @@ class Message:
             return {}
         try:
             return json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
             raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
 
 
@@ -92,7 +93,7 @@ async def read_message(reader: asyncio.StreamReader, *, request: bool) -> Messag
     if "transfer-encoding" in headers:
         raise ApiError(411, "length_required", "send a Content-Length, not a chunked body")
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", length_text):
         raise ApiError(400, "bad_length", "Content-Length must be a number")
     length = int(length_text)
     if length > MAX_BODY:
