@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import attrs
+
 from netns import Host, Lab, Proc
 
 WEFT = str(Path(sys.executable).parent / "weft")

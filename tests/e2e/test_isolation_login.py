@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from netns import Lab
 from weftlab import (
     SERVER_IP,

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from netns import Host, Lab
 from weftlab import SERVER_IP, WEFT, peer, service, start_server, start_tunnel, wait_ready
 
@@ -26,8 +27,17 @@ def test_a_secret_per_address_keeps_teams_apart(lab: Lab) -> None:
     lab.server.check(["ip", "addr", "add", f"{SECOND_IP}/24", "dev", "eth0"])
     state = Path(tempfile.mkdtemp(prefix="weft-multi-"))
     server = lab.server.popen(
-        [WEFT, "server", "--bind-ips", f"{SERVER_IP},{SECOND_IP}", "--use-secret-per-ip",
-         "--state-dir", str(state / "state"), "--secret-file", str(state / "secret")],
+        [
+            WEFT,
+            "server",
+            "--bind-ips",
+            f"{SERVER_IP},{SECOND_IP}",
+            "--use-secret-per-ip",
+            "--state-dir",
+            str(state / "state"),
+            "--secret-file",
+            str(state / "secret"),
+        ],
         name="server",
     )
     server.wait_for_line(rf"weft tunnel weft://\S+@{re.escape(SECOND_IP)} ", timeout=20)
@@ -38,24 +48,38 @@ def test_a_secret_per_address_keeps_teams_apart(lab: Lab) -> None:
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
 
     # Each team on its own address, with its own secret.
-    start_tunnel(lab, f"weft://{secret_a}@{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:15432",
-                 name="team-a")
-    start_tunnel(lab, f"weft://{secret_b}@{SECOND_IP}", "tcp://127.0.0.1:5432", "tcp://:15432",
-                 name="team-b")
+    start_tunnel(
+        lab, f"weft://{secret_a}@{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:15432", name="team-a"
+    )
+    start_tunnel(
+        lab, f"weft://{secret_b}@{SECOND_IP}", "tcp://127.0.0.1:5432", "tcp://:15432", name="team-b"
+    )
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 10_000)["intact"] is True
     assert peer(lab.visitor, "stream", SECOND_IP, 15432, 10_000)["intact"] is True
 
     # B's secret through A fails exactly like a wrong secret.
-    crossed = lab.tunnel.popen([WEFT, "tunnel", f"weft://{secret_b}@{SERVER_IP}",
-                                "tcp://127.0.0.1:5432", "tcp://:15500"], name="crossed")
-    wrong = lab.tunnel.popen([WEFT, "tunnel", f"weft://{'x' * 43}@{SERVER_IP}",
-                              "tcp://127.0.0.1:5432", "tcp://:15501"], name="wrong")
+    crossed = lab.tunnel.popen(
+        [WEFT, "tunnel", f"weft://{secret_b}@{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:15500"],
+        name="crossed",
+    )
+    wrong = lab.tunnel.popen(
+        [WEFT, "tunnel", f"weft://{'x' * 43}@{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:15501"],
+        name="wrong",
+    )
     assert crossed.wait(timeout=20) == wrong.wait(timeout=20) == 3
     assert crossed.output().splitlines()[-1] == wrong.output().splitlines()[-1]
 
     # A tunnel of A can never open an endpoint on B.
-    over = lab.tunnel.popen([WEFT, "tunnel", f"weft://{secret_a}@{SERVER_IP}",
-                             "tcp://127.0.0.1:5432", f"tcp://{SECOND_IP}:15600"], name="over")
+    over = lab.tunnel.popen(
+        [
+            WEFT,
+            "tunnel",
+            f"weft://{secret_a}@{SERVER_IP}",
+            "tcp://127.0.0.1:5432",
+            f"tcp://{SECOND_IP}:15600",
+        ],
+        name="over",
+    )
     assert over.wait(timeout=20) == 5
     assert f"may publish on {SERVER_IP} only" in over.output()
 
@@ -64,9 +88,7 @@ def test_a_secret_per_address_keeps_teams_apart(lab: Lab) -> None:
     assert listing.returncode == 0, listing.stderr
     tunnels = json.loads(listing.stdout)
     assert len(tunnels) == 1  # team B's tunnel is not visible with A's secret
-    assert {r["public_url"] for t in tunnels for r in t["routes"]} == {
-        f"tcp://{SERVER_IP}:15432"
-    }
+    assert {r["public_url"] for t in tunnels for r in t["routes"]} == {f"tcp://{SERVER_IP}:15432"}
 
 
 def test_list_shows_what_was_carried(lab: Lab) -> None:
@@ -85,8 +107,11 @@ def test_list_shows_what_was_carried(lab: Lab) -> None:
     assert route["bytes_in"] == route["bytes_out"] == 3 * 101_024
     assert route["connections"] == 3
     table = _weft(lab.tunnel, "list", server.url(), "-l").stdout
-    assert re.search(r"db\s+10\.1\.0\.2\s+tcp://198\.51\.100\.1:15432\s+tcp://127\.0\.0\.1:5432"
-                     r"\s+296\.0 KiB\s+296\.0 KiB\s+3\s", table), table
+    assert re.search(
+        r"db\s+10\.1\.0\.2\s+tcp://198\.51\.100\.1:15432\s+tcp://127\.0\.0\.1:5432"
+        r"\s+296\.0 KiB\s+296\.0 KiB\s+3\s",
+        table,
+    ), table
     assert server.secret not in table
 
 
@@ -103,8 +128,11 @@ def test_config_file_with_five_routes_one_refused(lab: Lab) -> None:
         f'server = "weft://{SERVER_IP}"\nname = "five"\n\n{routes}'
         '[[routes]]\nlocal = "tcp://127.0.0.1:5432"\nremote = "tcp://:9092"\n'
     )
-    tunnel = lab.tunnel.popen([WEFT, "tunnel", "--config", str(config)], name="five",
-                              extra_env={"WEFT_SECRET": server.secret})
+    tunnel = lab.tunnel.popen(
+        [WEFT, "tunnel", "--config", str(config)],
+        name="five",
+        extra_env={"WEFT_SECRET": server.secret},
+    )
     urls = wait_ready(tunnel, 4)
     assert sorted(urls) == [f"tcp://{SERVER_IP}:{p}" for p in range(15432, 15436)]
     tunnel.wait_for_line(r"refused\s+tcp://:9092 .*control port", timeout=10)
@@ -120,13 +148,16 @@ def test_server_config_file_and_json_logs(lab: Lab) -> None:
         f'secret-file = "{folder / "secret"}"\nallow-ports = "20000-20010"\n'
         'log-format = "json"\n'
     )
-    server = lab.server.popen([WEFT, "server", "--config", str(folder / "server.toml")],
-                              name="server")
+    server = lab.server.popen(
+        [WEFT, "server", "--config", str(folder / "server.toml")], name="server"
+    )
     server.wait_for_line(r"weft tunnel weft://", timeout=20)
     secret = (folder / "secret").read_text().strip()
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
-    refused = lab.tunnel.popen([WEFT, "tunnel", f"weft://{secret}@{SERVER_IP}",
-                                "tcp://127.0.0.1:5432", "tcp://:15432"], name="refused")
+    refused = lab.tunnel.popen(
+        [WEFT, "tunnel", f"weft://{secret}@{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:15432"],
+        name="refused",
+    )
     assert refused.wait(timeout=20) == 5  # the config's allow-ports applies
     assert "outside the ports this server allows (20000-20010" in refused.output()
     start_tunnel(lab, f"weft://{secret}@{SERVER_IP}", "tcp://127.0.0.1:5432", "tcp://:20005")
@@ -139,10 +170,12 @@ def test_server_config_file_and_json_logs(lab: Lab) -> None:
 
 def test_proxy_relays_locally_without_a_server(lab: Lab) -> None:
     service(lab.server, "count", "127.0.0.1", 5433)
-    proxy = lab.server.popen([WEFT, "proxy", f"tcp://{SERVER_IP}:8080", "tcp://127.0.0.1:5433"],
-                             name="proxy")
-    proxy.wait_for_line(rf"^ready\s+tcp://{re.escape(SERVER_IP)}:8080 -> tcp://127.0.0.1:5433",
-                        timeout=10)
+    proxy = lab.server.popen(
+        [WEFT, "proxy", f"tcp://{SERVER_IP}:8080", "tcp://127.0.0.1:5433"], name="proxy"
+    )
+    proxy.wait_for_line(
+        rf"^ready\s+tcp://{re.escape(SERVER_IP)}:8080 -> tcp://127.0.0.1:5433", timeout=10
+    )
     assert peer(lab.visitor, "halfclose", SERVER_IP, 8080) == {"answer_ok": True}
     busy = _weft(lab.server, "proxy", f"tcp://{SERVER_IP}:8080", "tcp://127.0.0.1:5433")
     assert busy.returncode == 1 and "cannot listen on 198.51.100.1:8080" in busy.stderr

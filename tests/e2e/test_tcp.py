@@ -11,6 +11,7 @@ import re
 import signal
 
 import pytest
+
 from netns import Lab, wait_until
 from weftlab import (
     SERVER_IP,
