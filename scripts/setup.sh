@@ -15,9 +15,10 @@ say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 APT_PACKAGES=(wireguard-go wireguard-tools nftables iproute2 iputils-ping pebble iperf3 socat dnsmasq-base
+              wrk nginx-light
               curl openssl procps python3-venv)
 # One binary per package above (python3-venv is checked through dpkg only).
-BINARIES=(wireguard-go wg nft ip ping pebble iperf3 socat dnsmasq curl openssl ps)
+BINARIES=(wireguard-go wg nft ip ping pebble iperf3 socat dnsmasq wrk nginx curl openssl ps)
 
 have_binaries() {
     local bin

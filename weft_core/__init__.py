@@ -10,6 +10,8 @@ from .netctx import HOST_NET, NetContext
 from .plugins import ENTRY_POINT_GROUP, hookimpl
 from .protocol import Endpoint, Published, Route, ServerContext, TunnelContext, TunnelProtocol
 from .relay import ConnectionSummary, Counters, Relay, TcpForwarder
+from .state import default_state_dir
+from .telemetry import record_event
 from .urls import RouteUrl, ServerUrl, format_host_port, parse_route_url, parse_server_url
 
 __version__ = "0.1.0"
@@ -35,8 +37,10 @@ __all__ = [
     "UsageError",
     "WeftError",
     "__version__",
+    "default_state_dir",
     "format_host_port",
     "hookimpl",
     "parse_route_url",
     "parse_server_url",
+    "record_event",
 ]

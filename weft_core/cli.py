@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, telemetry
 from .config import load_toml, to_defaults, tunnel_config
 from .errors import ApiError, ExitCode, UsageError, WeftError
 from .plugins import PluginHost, load_plugins
@@ -160,6 +160,7 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
         help="on SIGTERM, let open connections finish this long (default 5)",
     )
     _common(server)
+    telemetry.add_options(server, "server")
     host.call_each("weft_server_options", parser=server)
 
     tunnel = sub.add_parser(
@@ -204,6 +205,7 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
         help="retry even if the very first connection fails (default: exit)",
     )
     _common(tunnel)
+    telemetry.add_options(tunnel, "tunnel")
     host.call_each("weft_tunnel_options", parser=tunnel)
 
     sub.add_parser(
@@ -475,12 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .server import run_server
 
             settings = server_settings(args)
+            telemetry.settings_from_options(args)  # bad telemetry flags: exit 2 before starting
             _setup_logging(args, logging.INFO)
             return asyncio.run(run_server(settings, args, host))
         if args.command == "tunnel":
             from .tunnel import run_tunnel
 
             tsettings = tunnel_settings(args, config)
+            telemetry.settings_from_options(args)
             _setup_logging(args, logging.WARNING)
             return asyncio.run(run_tunnel(tsettings, args, host))
         if args.command == "proxy":

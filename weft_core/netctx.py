@@ -31,6 +31,8 @@ class NetContext:
         sock = socket.socket(_family(host), socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit this: no 40 ms Nagle/delayed-ACK stalls on small replies.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((host, port))
             sock.listen(backlog)
             sock.setblocking(False)

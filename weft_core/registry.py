@@ -38,6 +38,7 @@ class TunnelRecord:
     connected_since: float
     last_seen: float
     routes: dict[str, RouteRecord] = attrs.field(factory=dict)
+    pending: int = 0  # control requests in flight (e.g. a route waiting for its certificate)
 
 
 class Registry:
@@ -65,7 +66,7 @@ class Registry:
         return next((t for t in self._tunnels.values() if t.public_key == public_key), None)
 
     def silent_since(self, deadline: float) -> list[TunnelRecord]:
-        return [t for t in self._tunnels.values() if t.last_seen < deadline]
+        return [t for t in self._tunnels.values() if t.last_seen < deadline and not t.pending]
 
     def in_realm(self, realm: str | None) -> list[TunnelRecord]:
         return [t for t in self._tunnels.values() if realm is None or t.realm == realm]

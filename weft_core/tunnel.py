@@ -17,6 +17,7 @@ import time
 
 import attrs
 
+from . import telemetry
 from .control.client import ControlClient, LoginRefused, ServerUnreachable
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import TunnelIsolation, check_nftables
@@ -122,7 +123,12 @@ class Tunnel:
 
     async def _connect(self) -> None:
         server = self.settings.server
-        await self.client.login()
+        try:
+            await self.client.login()
+        except LoginRefused:
+            telemetry.record_event("login", result="refused", tunnel=self.name)
+            raise
+        telemetry.record_event("login", result="accepted", tunnel=self.name)
         answer = await self.client.call(
             "POST",
             "/connect",
@@ -305,6 +311,7 @@ class Tunnel:
             await self._teardown()
             self.plugins.call_each("weft_tunnel_disconnected", tunnel=self)
             attempt += 1
+            telemetry.record_event("reconnect", tunnel=self.name)
             delay = min(self.settings.max_backoff, 0.5 * 2 ** min(attempt, 10))
             delay *= random.uniform(0.5, 1.0)
             say(
@@ -339,9 +346,17 @@ async def run_tunnel(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, tunnel.request_stop)
+    metrics = await telemetry.start(
+        telemetry.settings_from_options(options),
+        "weft-tunnel",
+        lambda: telemetry.tunnel_routes(tunnel),
+        lambda: telemetry.tunnel_state(tunnel),
+        instance=tunnel.name,
+    )
     try:
         return await tunnel.run()
     finally:
         # Also when giving up (route refused, ...): never leave a registration behind.
         await tunnel._goodbye()
         await tunnel._teardown()
+        telemetry.stop(metrics)

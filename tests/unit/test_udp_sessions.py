@@ -72,7 +72,7 @@ def test_idle_sessions_expire_and_use_postpones_expiry() -> None:
 def test_expire_removes_every_idle_session_at_once() -> None:
     table: SessionTable[tuple[str, int], int] = SessionTable(idle_timeout=1, max_sessions=10_000)
     for port in range(5_000):
-        table.add(("198.51.100.20", port), port, 0.0)
+        table.add(("203.0.113.9", port), port, 0.0)
     table.add(A, -1, 0.5)
     gone = table.expire(1.2)
     assert len(gone) == 5_000 and list(table) == [A]

@@ -166,6 +166,7 @@ class ControlApi:
     async def get_login(self, request: Message, source: str, local: str) -> tuple[int, Any]:
         self._check_rate(source)
         challenge_id, sealed = self._store(local).issue(time.monotonic())
+        record_event("challenge", bind_address=local)
         return 200, {"challenge_id": challenge_id, "challenge": sealed}
 
     async def post_login(self, request: Message, source: str, local: str) -> tuple[int, Any]:
@@ -289,8 +290,18 @@ class ControlApi:
                     route.remote.port and old.published.remote == route.remote
                 ):
                     await server.close_route(record, route_id)
+            record.pending += 1  # busy, not silent: the reaper leaves it alone meanwhile
+        # Opening may take long (an ACME order): never hold the lock for other tunnels meanwhile.
+        try:
             ctx = server.route_context(record, forwarder_port)
             published = await protocol.open_server_endpoint(route, ctx)
+        finally:
+            record.pending -= 1
+            record.last_seen = time.time()
+        async with server.lock:
+            if server.registry.get(record.id) is not record:
+                await published.endpoint.close()
+                raise ApiError(404, "unknown_tunnel", "the tunnel went away while publishing")
             route_id = new_route_id()
             record.routes[route_id] = RouteRecord(
                 id=route_id,

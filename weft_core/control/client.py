@@ -49,11 +49,17 @@ class ControlClient:
         self.token_expires = 0.0
 
     async def _exchange(
-        self, method: str, path: str, payload: Any, token: str | None
+        self,
+        method: str,
+        path: str,
+        payload: Any,
+        token: str | None,
+        timeout: float | None = None,
     ) -> tuple[int, Any, bytes]:
         """One request on a fresh TLS connection: (status, JSON body, certificate fingerprint)."""
+        timeout = self.timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
                     self.server.host, self.server.port, ssl=self._tls, server_hostname=None
                 )
@@ -77,7 +83,7 @@ class ControlClient:
                     writer.close()
         except TimeoutError:
             raise ServerUnreachable(
-                f"no answer from {self.server.address} within {self.timeout:.0f}s"
+                f"no answer from {self.server.address} within {timeout:.0f}s"
             ) from None
         except ApiError as exc:
             if exc.status == 495:
@@ -124,14 +130,20 @@ class ControlClient:
     def token_due(self) -> bool:
         return self.token is None or time.monotonic() > self.token_expires - RENEW_BEFORE
 
-    async def call(self, method: str, path: str, payload: Any = None) -> Any:
-        """An authenticated request; ApiError for a 4xx, after one re-login if the token lapsed."""
+    async def call(
+        self, method: str, path: str, payload: Any = None, timeout: float | None = None
+    ) -> Any:
+        """An authenticated request; ApiError for a 4xx, after one re-login if the token lapsed.
+
+        `timeout` overrides the client's timeout for this call (e.g. a route whose certificate
+        the server obtains over ACME first).
+        """
         if self.token_due():
             await self.login()
-        status, body, _ = await self._exchange(method, path, payload, self.token)
+        status, body, _ = await self._exchange(method, path, payload, self.token, timeout)
         if status == 401:
             await self.login()
-            status, body, _ = await self._exchange(method, path, payload, self.token)
+            status, body, _ = await self._exchange(method, path, payload, self.token, timeout)
         if not 200 <= status < 300:
             self._raise(status, body)
         return body

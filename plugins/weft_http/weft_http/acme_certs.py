@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from . import vhost
-from .certs import CertificateError, CertInfo, check_pair, split_pem, utcnow
+from .certs import CertificateError, CertInfo, check_pair, split_pem
 
 log = logging.getLogger("weft.http.acme")
 
@@ -162,7 +162,8 @@ class AcmeManager:
             jwk = jose.JWKRSA(key=private)
             _write_private(key_path, jwk.json_dumps().encode())
         verify: bool | str = self.settings.ca_bundle or True
-        net = client.ClientNetwork(jwk, user_agent="weft-http", verify_ssl=verify, timeout=15)
+        net = client.ClientNetwork(jwk, user_agent="weft-http", timeout=15,
+                                   verify_ssl=verify)  # type: ignore[arg-type]  # a path works
         directory = client.ClientV2.get_directory(self.settings.directory, net)
         acme = client.ClientV2(directory, net)
         account_path = self.state_dir / "acme" / "account.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 
 class CertificateError(Exception):
@@ -63,7 +63,7 @@ def cert_info(cert_pem: bytes) -> CertInfo:
     cert = x509.load_pem_x509_certificate(cert_pem)
     names: list[str] = []
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
         names = [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(
@@ -120,7 +120,8 @@ def check_pair(cert_chain_pem: bytes, key_pem: bytes, name: str,
             f"the certificate is not valid before {info.not_before:%Y-%m-%d %H:%M} UTC")
     if not name_covered(name, info.names):
         raise CertificateError(
-            f"the certificate does not cover {name} (it names {', '.join(info.names) or 'nothing'})")
+            f"the certificate does not cover {name} "
+            f"(it names {', '.join(info.names) or 'nothing'})")
     return info
 
 

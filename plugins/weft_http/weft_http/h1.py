@@ -327,6 +327,8 @@ class BodyTracker:
         return pos
 
     def _check_line(self) -> None:
+        if self._state == "data_end" and self._line.strip(b"\r"):
+            raise ParseError(400, "missing CRLF after chunk data")
         limit = MAX_TRAILERS if self._state == "trailer" else MAX_CHUNK_LINE
         if len(self._line) > limit:
             raise ParseError(400, "chunk size line too long")
@@ -421,7 +423,7 @@ def simple_response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-# --- names -----------------------------------------------------------------------------------------
+# --- names ---------------------------------------------------------------------------------
 
 
 def normalize_host(value: str) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
 from weft_core import ApiError, ConnectionSummary, Counters, NetContext, format_host_port
 
 from . import h1
@@ -126,7 +127,8 @@ class Site:
         self.check_free(route.name, route.owner)
         table = self.table(route.scheme)
         if route.name in table:
-            raise ApiError(409, "name_in_use", f"{route.scheme}://{route.name} is already published")
+            raise ApiError(409, "name_in_use",
+                           f"{route.scheme}://{route.name} is already published")
         table[route.name] = route
         self.owners[route.name] = route.owner
 
@@ -211,6 +213,12 @@ class Site:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      tls: bool) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Our listening sockets come from NetContext with proto 0, so asyncio does not set
+            # TCP_NODELAY by itself: without it a head and a body written apart meet delayed ACKs.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sni = None
         if tls:
             sni = getattr(writer.get_extra_info("ssl_object"), "weft_sni", None)
@@ -364,13 +372,14 @@ class Session:
                               "server name.\n")
             return False
         path = request.path
-        if not self.tls and path.startswith(ACME_PREFIX) and request.method in ("GET", "HEAD"):
+        challenge = not self.tls and path.startswith(ACME_PREFIX)
+        if challenge and request.method in ("GET", "HEAD"):
             answer = self.site.acme_answer(path)
             if answer is not None:
                 await self._reply(200, answer, content_type="application/octet-stream")
                 return False
         kind, route = self.site.lookup(name, self.tls)
-        if kind == "redirect":
+        if kind == "redirect" and not challenge:
             port = self.limits.https_port
             authority = name if port == 443 else f"{name}:{port}"
             await self._reply(308, f"https://{authority}{path}\n",

@@ -146,7 +146,7 @@ class UdpProtocol:
     ) -> tuple[UdpForwarder, int]:
         assert route.local.port is not None
         target = await _resolve(route.local.host or "127.0.0.1", route.local.port)
-        listen = ctx.wireguard_net.bind_udp(ctx.address, 0)
+        listen = ctx.wireguard_net.bind_udp(ctx.address, ctx.listen_port)
         forwarder = UdpForwarder(
             f"{ctx.tunnel_name} {route.local}",
             listen,

@@ -46,6 +46,7 @@ Address = tuple[str, int]
 MAX_DATAGRAM = 65535  # the largest UDP payload is 65,507 (IPv4) / 65,527 (IPv6) bytes
 BATCH = 64  # datagrams read per wake-up of the listening socket
 LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (bursts of new visitors)
+SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending ICMP errors
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
 
 _buffer = bytearray(MAX_DATAGRAM)  # shared: reader callbacks run one at a time on the loop thread
@@ -155,6 +156,7 @@ class UdpForwarder:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         self._warned: set[str] = set()
+        self._target_failing = False
 
     @property
     def address(self) -> Address:
@@ -222,7 +224,7 @@ class UdpForwarder:
                 return False
         # An earlier datagram came back as an ICMP error (that one is lost: count it); the error
         # is now cleared, so this one may well go through (the target is back up).
-        self.counters.dropped += 1
+        self._target_error(exc)
         try:
             sock.send(data)
             return True
@@ -277,10 +279,12 @@ class UdpForwarder:
                 data, _ = await stream.recv()
             except asyncio_dgram.TransportClosed:
                 return
-            except OSError:
+            except OSError as exc:
                 # ICMP error for a datagram we sent (target down, unreachable): it is lost.
-                counters.dropped += 1
+                self._target_error(exc)
                 continue
+            if self._target_failing:
+                self._target_answered()
             try:
                 listen.sendto(data, key)
             except OSError:  # full buffer, or the peer's address went away: UDP drops
@@ -301,6 +305,7 @@ class UdpForwarder:
         session.closed = True
         self.counters.open -= 1
         if session.stream is not None:
+            self._collect_errors(session.stream)
             session.stream.close()  # the transport closes the socket
         elif not session.pumping:
             session.sock.close()  # the task never ran; it will see `closed` if it does
@@ -319,15 +324,42 @@ class UdpForwarder:
 
     def _schedule_sweep(self) -> None:
         assert self._loop is not None
-        interval = max(0.05, min(self.sessions.idle_timeout / 4, 5.0))
+        interval = max(0.05, min(self.sessions.idle_timeout / 4, SWEEP_INTERVAL))
         self._sweeper = self._loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
+        """Expire idle sessions; count ICMP errors no reply has collected yet."""
         assert self._loop is not None
         for _, session in self.sessions.expire(self._loop.time()):
             self._close_session(session, "idle timeout")
+        for key in self.sessions:
+            session = self.sessions.peek(key)
+            if session is not None and session.stream is not None:
+                self._collect_errors(session.stream)
         if not self._closed:
             self._schedule_sweep()
+
+    def _collect_errors(self, stream: asyncio_dgram.aio.DatagramStream) -> None:
+        """Count the errors asyncio-dgram holds for a stream (it raises them one per call)."""
+        while True:
+            try:
+                stream.exception  # noqa: B018 - raises the first unconsumed error, if any
+            except OSError as exc:
+                self._target_error(exc)
+                continue
+            return
+
+    def _target_error(self, exc: OSError) -> None:
+        """An ICMP error for a datagram we sent: that datagram is lost."""
+        self.counters.dropped += 1
+        if not self._target_failing:
+            self._target_failing = True
+            log.warning("%s: %s did not take a datagram (%s); dropping until it answers",
+                        self.name, peer_name(self.target), exc.strerror or exc)
+
+    def _target_answered(self) -> None:
+        self._target_failing = False
+        log.warning("%s: %s answers again", self.name, peer_name(self.target))
 
     def _warn(self, message: str) -> None:
         # Once per kind of message: a flood must not flood the log as well.

@@ -1,0 +1,150 @@
+"""Benchmark: a Weft http:// virtual host against nginx proxying over the same WireGuard link.
+
+    sudo .venv/bin/python bench/bench_http.py [--duration 10] [--connections 50]
+
+Builds a namespace lab (tests/netns.py), runs nginx as the local web app on the tunnel host
+(1 KiB and 64 MiB static files), publishes it through `weft tunnel ... http://bench.example.test`,
+and starts a second nginx on the server host that proxies to the tunnel's forwarder on its
+WireGuard address (the same WireGuard link and tunnel-side forwarder; only the server-side HTTP
+proxy differs). wrk on the visitor host measures requests per second and latency for 1 KiB
+responses through both; curl measures large-download throughput through both and straight over
+WireGuard from the server host. Prints figures and ratios; never fails on a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from netns import Lab, wait_tcp_port
+from weftlab import SERVER_IP, start_server, start_tunnel, wireguard_listeners
+
+NAME = "bench.example.test"
+BASELINE_PORT = 8000
+
+NGINX_APP = """
+user root;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    {body}
+}}
+"""
+
+APP_SERVER = """
+    server {{ listen 127.0.0.1:8080; root {root}; }}
+"""
+
+PROXY_SERVER = """
+    upstream tunnel {{ server {target}; keepalive 128; }}
+    server {{
+        listen {ip}:{port};
+        location / {{
+            proxy_pass http://tunnel;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_buffering off;
+        }}
+    }}
+"""
+
+
+def nginx(host: object, prefix: Path, body: str, name: str) -> None:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_APP.format(prefix=prefix, body=body))
+    host.popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],  # type: ignore[attr-defined]
+               name=name)
+
+
+def wrk(lab: Lab, url: str, duration: int, connections: int) -> dict[str, float]:
+    out = lab.visitor.check(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
+                             "-H", f"Host: {NAME}", url], timeout=duration + 60)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        m = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"),
+            "errors": float(errors.group(1)) if errors else 0.0}
+
+
+def download(host: object, url: str) -> float:
+    out = host.check(["curl", "-sS", "-o", "/dev/null", "-H", f"Host: {NAME}",  # type: ignore[attr-defined]
+                      "-w", "%{speed_download}", url], timeout=300)
+    return float(out) * 8 / 1e6  # Mbit/s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--big-mib", type=int, default=64)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "curl"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            print(f"bench: {tool} is missing (scripts/setup.sh installs it)")
+            return 1
+    work = Path(tempfile.mkdtemp(prefix="weft-bench-"))
+    root = work / "www"
+    root.mkdir()
+    (root / "1k").write_bytes(b"x" * 1024)
+    with (root / "big").open("wb") as f:
+        f.write(b"\0" * (args.big_mib << 20))
+    try:
+        with Lab() as lab:
+            nginx(lab.tunnel, work / "app", APP_SERVER.format(root=root), "nginx-app")
+            wait_tcp_port(lab.tunnel, "127.0.0.1", 8080)
+            server = start_server(lab)
+            start_tunnel(lab, server.url(), "http://127.0.0.1:8080", f"http://{NAME}")
+            (wg_addr, fwd_port), = wireguard_listeners(lab.tunnel)
+            nginx(lab.server, work / "proxy", PROXY_SERVER.format(
+                target=f"{wg_addr}:{fwd_port}", ip=SERVER_IP, port=BASELINE_PORT), "nginx-proxy")
+            wait_tcp_port(lab.visitor, SERVER_IP, BASELINE_PORT)
+
+            weft_url = f"http://{SERVER_IP}/1k"
+            nginx_url = f"http://{SERVER_IP}:{BASELINE_PORT}/1k"
+            wrk(lab, weft_url, 2, args.connections)  # warm up both paths
+            wrk(lab, nginx_url, 2, args.connections)
+            weft = wrk(lab, weft_url, args.duration, args.connections)
+            base = wrk(lab, nginx_url, args.duration, args.connections)
+            big_weft = download(lab.visitor, f"http://{SERVER_IP}/big")
+            big_nginx = download(lab.visitor, f"http://{SERVER_IP}:{BASELINE_PORT}/big")
+            big_wg = download(lab.server, f"http://{wg_addr}:{fwd_port}/big")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n1 KiB responses, wrk -t2 -c{args.connections} -d{args.duration}s, keep-alive:")
+    print(f"  {'':<28} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for label, r in (("weft virtual host", weft), ("nginx reverse proxy", base)):
+        print(f"  {label:<28} {r['rps']:>10.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+              f"{r['errors']:>8.0f}")
+    print(f"  ratio weft/nginx: req/s {weft['rps'] / base['rps']:.2f} (goal >= 0.90), "
+          f"p99 {weft['p99'] / base['p99']:.2f} (goal <= 2.0)")
+    print(f"\n{args.big_mib} MiB download (Mbit/s):")
+    print(f"  weft virtual host {big_weft:.0f}, nginx reverse proxy {big_nginx:.0f}, "
+          f"straight over WireGuard from the server {big_wg:.0f}")
+    print(f"  ratio weft/WireGuard {big_weft / big_wg:.2f}, weft/nginx {big_weft / big_nginx:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""http:// virtual hosts end to end: real weft server, tunnels and local web apps in a lab.
+
+One lab and one server carry several checks (keeps the run short): routing by Host on one shared
+port, 404 for unknown names, 409 for a taken name, forwarding headers, keep-alive requests routed
+one by one, 10 MB bodies both ways (chunked and sized), WebSocket echo, header timeout and size
+limit, and local https:// targets (verified, or --local-insecure).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from netns import Lab, wait_until
+from weftlab import SERVER_IP, WEFT, start_server, start_tunnel
+
+pytestmark = pytest.mark.netns
+
+APP = str(Path(__file__).resolve().parent / "http_app.py")
+
+
+def start_app(lab: Lab, name: str, port: int, *tls: str) -> None:
+    proc = lab.tunnel.popen([sys.executable, APP, name, "127.0.0.1", str(port), *tls],
+                            name=f"app-{name}")
+    proc.wait_for_line("listening", timeout=10)
+
+
+def curl(lab: Lab, *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run curl on the visitor with names resolved to the server; (exit code, stdout)."""
+    resolve = [a for n in "abcdxyz" for a in ("--resolve", f"{n}.example.test:80:{SERVER_IP}")]
+    result = lab.visitor.run(["curl", "-sS", "--max-time", str(timeout), *resolve, *args],
+                             timeout=timeout + 10)
+    return result.returncode, result.stdout + result.stderr
+
+
+def http_exchange(requests: list[bytes], read_timeout: float = 10.0) -> list[bytes]:
+    """Send requests one at a time on ONE connection; return each response (sized bodies)."""
+    answers = []
+    with socket.create_connection((SERVER_IP, 80), timeout=read_timeout) as sock:
+        buf = b""
+        for request in requests:
+            sock.sendall(request)
+            while b"\r\n\r\n" not in buf:
+                chunk = sock.recv(65536)
+                assert chunk, "connection closed before a response"
+                buf += chunk
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                key, _, value = line.partition(b":")
+                if key.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(buf) < length:
+                buf += sock.recv(65536)
+            answers.append(head + b"\r\n\r\n" + buf[:length])
+            buf = buf[length:]
+    return answers
+
+
+def get(host: str, path: str = "/headers", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def body_json(response: bytes) -> dict[str, object]:
+    result: dict[str, object] = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    return result
+
+
+def websocket_echo(host: str, messages: list[bytes]) -> list[bytes]:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection((SERVER_IP, 80), timeout=10) as sock:
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        reader = sock.makefile("rb")
+        status = reader.readline()
+        assert b" 101 " in status, status
+        while reader.readline() not in (b"\r\n", b""):
+            pass
+        echoed = []
+        for message in messages:
+            mask = os.urandom(4)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(message))
+            size = len(message)
+            length = bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + \
+                size.to_bytes(2, "big")
+            sock.sendall(bytes([0x82]) + length + mask + masked)
+            _, b2 = reader.read(2)
+            n = b2 & 0x7F
+            if n == 126:
+                n = int.from_bytes(reader.read(2), "big")
+            echoed.append(reader.read(n))
+        return echoed
+
+
+def slow_and_fast(header_timeout: float) -> dict[str, object]:
+    """A slow client trickles a head; a normal request meanwhile must be served at once."""
+    slow = socket.create_connection((SERVER_IP, 80), timeout=header_timeout + 10)
+    slow.sendall(b"GET /headers HTTP/1.1\r\nHost: a.example.test\r\n")
+    started = time.monotonic()
+    fast = http_exchange([get("a.example.test")])[0]
+    fast_time = time.monotonic() - started
+    answer = slow.recv(65536)
+    slow_time = time.monotonic() - started
+    slow.close()
+    return {"fast": fast.split(b"\r\n", 1)[0].decode(), "fast_time": fast_time,
+            "slow": answer.split(b"\r\n", 1)[0].decode(), "slow_time": slow_time}
+
+
+def _self_signed(name: str, directory: Path) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "local.crt", directory / "local.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_http_virtual_hosts(lab: Lab, tmp_path: Path) -> None:
+    server = start_server(lab, "--http-header-timeout", "2")
+    start_app(lab, "a", 8081)
+    start_app(lab, "b", 8082)
+    start_app(lab, "c", 8443, *_self_signed("127.0.0.1", tmp_path))
+
+    # Two tunnels, three names, one shared port 80 (names are case-insensitive).
+    start_tunnel(lab, server.url(), "http://127.0.0.1:8081", "http://a.example.test",
+                 "tcp://127.0.0.1:8082", "http://B.Example.TEST", name="tunnel-ab")
+    start_tunnel(lab, server.url(), "https://127.0.0.1:8443", "http://c.example.test",
+                 "--local-insecure", name="tunnel-c")
+    start_tunnel(lab, server.url(), "https://127.0.0.1:8443", "http://d.example.test",
+                 name="tunnel-d")
+
+    # A name held by another tunnel: refused with a clear message, nothing else disturbed.
+    thief = lab.tunnel.popen([WEFT, "tunnel", server.url(),
+                              "http://127.0.0.1:8082", "http://a.example.test"], name="thief")
+    assert thief.wait(30) == 5
+    assert "already published by another tunnel" in thief.output()
+
+    # Routing by Host, forwarding headers (spoofed ones from the visitor are dropped).
+    code, out = curl(lab, "-H", "X-Forwarded-For: 6.6.6.6", "http://a.example.test/headers")
+    assert code == 0, out
+    seen = json.loads(out)
+    assert seen["app"] == "a"
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers["x-forwarded-for"] == "198.51.100.20"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == "a.example.test"
+    assert headers["forwarded"] == "for=198.51.100.20;host=a.example.test;proto=http"
+    assert "6.6.6.6" not in out
+    code, out = curl(lab, "http://b.example.test/headers")
+    assert json.loads(out)["app"] == "b"
+
+    # Unknown names: a plain 404 that names nobody.
+    code, out = curl(lab, "-i", "http://x.example.test/")
+    assert out.startswith("HTTP/1.1 404"), out
+    assert "example" not in out.split("\n\n", 1)[1]
+
+    # Keep-alive: each request on one connection goes where its own Host says.
+    answers = lab.visitor.call(http_exchange, [
+        get("a.example.test"), get("B.EXAMPLE.TEST:80"), get("a.example.test."),
+        get("c.example.test"),
+    ])
+    assert [body_json(a)["app"] for a in answers] == ["a", "b", "a", "c"]
+
+    # https local target: verified by default (self-signed -> 502), --local-insecure works.
+    code, out = curl(lab, "-i", "http://d.example.test/headers")
+    assert out.startswith("HTTP/1.1 502"), out
+
+    # 10 MB both ways, streamed: checksums match (sized and chunked uploads).
+    script = (
+        "head -c 10000000 /dev/urandom > {f} && sha256sum {f} && "
+        "curl -sS --resolve a.example.test:80:{ip} --data-binary @{f} "
+        "-H 'Content-Type: application/octet-stream' http://a.example.test/upload && echo && "
+        "curl -sS --resolve a.example.test:80:{ip} -X POST -T {f} "
+        "-H 'Transfer-Encoding: chunked' http://a.example.test/upload && echo && "
+        "curl -sS --resolve a.example.test:80:{ip} 'http://a.example.test/download?size=10000000'"
+        " | sha256sum"
+    ).format(f=tmp_path / "up.bin", ip=SERVER_IP)
+    result = lab.visitor.run(["sh", "-c", script], timeout=120)
+    lines = result.stdout.split("\n")
+    digest = lines[0].split()[0]
+    assert json.loads(lines[1]) == {"app": "a", "sha256": digest, "length": 10_000_000}
+    assert json.loads(lines[2]) == {"app": "a", "sha256": digest, "length": 10_000_000}
+    pattern = bytes(i % 251 for i in range(251 * 1024))
+    expected = hashlib.sha256((pattern * 40)[:10_000_000]).hexdigest()
+    assert lines[3].split()[0] == expected
+
+    # WebSocket upgrade through the virtual host.
+    messages = [b"hello", os.urandom(5000), b"bye"]
+    assert lab.visitor.call(websocket_echo, "b.example.test", messages) == messages
+
+    # A slow head does not hold anyone up and gets 408; an oversized head gets 431.
+    timing = lab.visitor.call(slow_and_fast, 2.0)
+    assert timing["fast"] == "HTTP/1.1 200 OK" and float(timing["fast_time"]) < 1.5, timing
+    assert timing["slow"] == "HTTP/1.1 408 Request Timeout", timing
+    assert 1.5 < float(timing["slow_time"]) < 6, timing
+    huge = get("a.example.test", extra="X-Big: " + "x" * 40000 + "\r\n")
+    answer = lab.visitor.call(http_exchange, [huge])[0]
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+
+
+def test_http_name_released_with_its_tunnel(lab: Lab) -> None:
+    """A stopped tunnel frees its name at once; the next tunnel claims it (and the listener
+    closes with the last route)."""
+    server = start_server(lab)
+    start_app(lab, "a", 8081)
+    first = start_tunnel(lab, server.url(), "http://127.0.0.1:8081", "http://a.example.test",
+                         name="first")
+    assert json.loads(curl(lab, "http://a.example.test/headers")[1])["app"] == "a"
+    first.terminate()
+    wait_until(lambda: curl(lab, "-o", "/dev/null", "http://a.example.test/")[0] == 7,
+               timeout=10, message="port 80 closed after the last route")
+    start_app(lab, "b", 8082)
+    start_tunnel(lab, server.url(), "http://127.0.0.1:8082", "http://a.example.test",
+                 name="second")
+    assert json.loads(curl(lab, "http://a.example.test/headers")[1])["app"] == "b"

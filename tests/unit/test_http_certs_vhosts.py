@@ -1,0 +1,133 @@
+"""weft-http without a network: certificate checks, the name table, and a proxy on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from weft_http import certs, vhost
+
+from weft_core import HOST_NET, ApiError
+
+
+def make_pair(names: list[str], days: int = 30, start_days: int = -1) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + datetime.timedelta(days=start_days))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def test_check_pair_accepts_a_good_pair_and_wildcards() -> None:
+    chain, key = make_pair(["app.example.com", "*.apps.example.com"])
+    assert certs.check_pair(chain, key, "app.example.com").names[0] == "app.example.com"
+    certs.check_pair(chain, key, "x.apps.example.com")
+    with pytest.raises(certs.CertificateError, match="does not cover"):
+        certs.check_pair(chain, key, "a.b.apps.example.com")
+
+
+def test_check_pair_refusals() -> None:
+    chain, key = make_pair(["app.example.com"])
+    _, other_key = make_pair(["app.example.com"])
+    with pytest.raises(certs.CertificateError, match="does not match"):
+        certs.check_pair(chain, other_key, "app.example.com")
+    with pytest.raises(certs.CertificateError, match="does not cover"):
+        certs.check_pair(chain, key, "other.example.com")
+    old, old_key = make_pair(["app.example.com"], days=-1, start_days=-10)
+    with pytest.raises(certs.CertificateError, match="expired"):
+        certs.check_pair(old, old_key, "app.example.com")
+    with pytest.raises(certs.CertificateError, match="no certificate"):
+        certs.check_pair(b"", key, "app.example.com")
+
+
+def test_tls_secret_file_holds_chain_and_key(tmp_path: Path) -> None:
+    chain, key = make_pair(["a.example"])
+    (tmp_path / "both.pem").write_bytes(key + chain)
+    got_chain, got_key = certs.load_secret_files(tmp_path / "both.pem", None, None)
+    assert got_chain == chain and got_key == key
+    (tmp_path / "cert-only.pem").write_bytes(chain)
+    with pytest.raises(certs.CertificateError, match="no private key"):
+        certs.load_secret_files(tmp_path / "cert-only.pem", None, None)
+    assert certs.server_context(chain, key) is not None
+
+
+def test_name_table_conflicts_and_reclaim() -> None:
+    async def scenario() -> None:
+        limits = vhost.HttpLimits(http_port=0)
+        site = vhost.Site("127.0.0.1", HOST_NET, limits, None)
+        await site.ensure_http()
+        first = vhost.VhostRoute(site, "a.example", "http", "t1", HOST_NET, ("127.0.0.1", 1),
+                                 lambda s: None)
+        site.add(first)
+        with pytest.raises(ApiError) as err:
+            site.check_free("a.example", "t2")
+        assert err.value.status == 409
+        assert site.lookup("a.example", False) == ("proxy", first)
+        assert site.lookup("b.example", False) == ("missing", None)
+        await first.close()
+        assert site.http_server is None  # the last route closed the listener
+        site.check_free("a.example", "t2")  # the name is free again
+
+    asyncio.run(scenario())
+
+
+def test_proxy_on_loopback_routes_by_host_and_streams() -> None:
+    """The Session against a real local upstream, on loopback only."""
+
+    async def scenario() -> None:
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                size = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        size = int(line.split(b":")[1])
+                body = await reader.readexactly(size)
+                answer = b"%d:%s" % (len(body), head.split(b"\r\n")[0])
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer), answer))
+                await writer.drain()
+            writer.close()
+
+        app = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        app_port = app.sockets[0].getsockname()[1]
+        site = vhost.Site("127.0.0.1", HOST_NET, vhost.HttpLimits(http_port=0), None)
+        await site.ensure_http()
+        assert site.http_server is not None
+        port = site.http_server.sockets[0].getsockname()[1]
+        route = vhost.VhostRoute(site, "a.example", "http", "t1", HOST_NET,
+                                 ("127.0.0.1", app_port), lambda s: None)
+        site.add(route)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100000\r\n\r\n"
+                     + b"x" * 100000 + b"GET /two HTTP/1.1\r\nHost: A.EXAMPLE\r\n\r\n"
+                     + b"GET / HTTP/1.1\r\nHost: nobody.example\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert b"100000:POST /up HTTP/1.1" in data
+        assert b"0:GET /two HTTP/1.1" in data
+        assert data.count(b"HTTP/1.1 200 OK") == 2
+        assert b"HTTP/1.1 404 Not Found" in data and b"a.example" not in data.split(b"404")[1]
+        assert route.counters.bytes_in > 100000
+        writer.close()
+        await route.close()
+        app.close()
+
+    asyncio.run(scenario())

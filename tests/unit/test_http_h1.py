@@ -1,0 +1,125 @@
+"""The sans-IO HTTP/1.1 pieces of weft-http: heads, framing, chunked tracking, names, headers."""
+
+from __future__ import annotations
+
+import pytest
+from weft_http import h1
+
+
+def test_head_end_and_size_limit() -> None:
+    assert h1.find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n") is None
+    assert h1.find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBODY") == 27
+    with pytest.raises(h1.ParseError) as err:
+        h1.find_head_end(b"GET / HTTP/1.1\r\nX: " + b"x" * 100, limit=64)
+    assert err.value.status == 431
+
+
+def test_request_head_and_host_routing() -> None:
+    req = h1.parse_request_head(b"GET /p?q=1 HTTP/1.1\r\nHost: App.Example.COM:8080\r\n"
+                                b"Connection: keep-alive\r\n\r\n")
+    assert (req.method, req.path, req.host, req.keep_alive) == ("GET", "/p?q=1",
+                                                                "app.example.com", True)
+    absolute = h1.parse_request_head(b"GET http://b.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert absolute.host == "b.example" and absolute.path == "/x"
+    two_hosts = h1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert two_hosts.host is None
+    old = h1.parse_request_head(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+    assert not old.keep_alive
+
+
+@pytest.mark.parametrize("head,status", [
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"GET /\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n folded: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+    (b"CONNECT a:443 HTTP/1.1\r\n\r\n", 405),
+])
+def test_bad_requests(head: bytes, status: int) -> None:
+    with pytest.raises(h1.ParseError) as err:
+        h1.parse_request_head(head)
+    assert err.value.status == status
+
+
+def test_request_framing_refuses_smuggling() -> None:
+    def framing(headers: str) -> h1.Framing:
+        return h1.request_body(h1.parse_request_head(
+            f"POST / HTTP/1.1\r\nHost: a\r\n{headers}\r\n".encode()))
+
+    assert framing("") == h1.NO_BODY
+    assert framing("Content-Length: 5\r\n") == h1.Framing("length", 5)
+    assert framing("Transfer-Encoding: chunked\r\n") == h1.Framing("chunked")
+    for bad in ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                "Content-Length: 5\r\nContent-Length: 6\r\n",
+                "Content-Length: -1\r\n", "Transfer-Encoding: gzip\r\n",
+                "Transfer-Encoding: chunked, chunked\r\n"):
+        with pytest.raises(h1.ParseError):
+            framing(bad)
+
+
+def test_response_framing() -> None:
+    def framing(head: bytes, method: str = "GET") -> h1.Framing:
+        return h1.response_body(h1.parse_response_head(head), method)
+
+    assert framing(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n") == h1.Framing("length", 3)
+    assert framing(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", "HEAD") == h1.NO_BODY
+    assert framing(b"HTTP/1.1 204 No Content\r\n\r\n") == h1.NO_BODY
+    assert framing(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n") == h1.NO_BODY
+    assert framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").kind == "chunked"
+    assert framing(b"HTTP/1.0 200 OK\r\n\r\n").kind == "close"
+    assert not h1.parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n").keep_alive
+    with pytest.raises(h1.ParseError) as err:
+        h1.parse_response_head(b"garbage\r\n\r\n")
+    assert err.value.status == 502
+
+
+def test_chunked_tracker_byte_by_byte_and_leftover() -> None:
+    body = b"5;ext=1\r\nhello\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nTrailer: t\r\n\r\n"
+    tracker = h1.BodyTracker(h1.Framing("chunked"))
+    for i, byte in enumerate(body):
+        assert tracker.feed(bytes([byte])) == 1, i
+        assert tracker.done == (i == len(body) - 1)
+    tracker = h1.BodyTracker(h1.Framing("chunked"))
+    assert tracker.feed(body + b"GET / HTTP/1.1") == len(body)
+    assert tracker.done
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"5\r\nhelloXX", b"1" * 5000])
+def test_chunked_tracker_rejects_garbage(bad: bytes) -> None:
+    with pytest.raises(h1.ParseError):
+        h1.BodyTracker(h1.Framing("chunked")).feed(bad)
+
+
+def test_length_tracker_stops_at_the_end() -> None:
+    tracker = h1.BodyTracker(h1.Framing("length", 10))
+    assert tracker.feed(b"12345") == 5 and not tracker.done
+    assert tracker.feed(b"67890NEXT") == 5 and tracker.done
+    assert tracker.feed(b"more") == 0
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("Example.COM", "example.com"), ("example.com.", "example.com"),
+    ("example.com:443", "example.com"), ("bücher.example", "xn--bcher-kva.example"),
+    ("[2001:db8::1]:80", "2001:db8::1"), ("bad name", None), ("", None), ("a:b", None),
+    ("-" * 70 + ".com", None),
+])
+def test_normalize_host(value: str, expected: str | None) -> None:
+    assert h1.normalize_host(value) == expected
+
+
+def test_forwarding_headers_replace_the_visitors() -> None:
+    req = h1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                                b"Forwarded: for=6.6.6.6\r\nAccept: */*\r\n\r\n")
+    out = h1.render_request_head(req, h1.forwarded_headers("2001:db8::5", "https", "a.example"))
+    text = out.decode()
+    assert "6.6.6.6" not in text
+    assert text.startswith("GET / HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\n")
+    assert "X-Forwarded-For: 2001:db8::5\r\n" in text
+    assert 'Forwarded: for="[2001:db8::5]";host=a.example;proto=https\r\n' in text
+    assert text.endswith("\r\n\r\n")
+
+
+def test_upgrade_detection() -> None:
+    req = h1.parse_request_head(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade"
+                                b"\r\nUpgrade: WebSocket\r\n\r\n")
+    assert req.upgrade == "websocket"
+    assert h1.parse_request_head(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n").upgrade is None

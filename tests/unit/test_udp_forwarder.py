@@ -1,0 +1,224 @@
+"""weft_udp's forwarder on loopback only (no privilege): sessions per peer, drops, expiry, close."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+
+from weft_core import HOST_NET, ConnectionSummary
+from weft_udp.forwarder import UdpForwarder
+
+LO = "127.0.0.1"
+
+
+class Echo:
+    """A UDP echo service on a plain socket (asyncio's transports drop empty datagrams)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LO, port))
+        self.sock.setblocking(False)
+        self.peers: set[tuple[str, int]] = set()
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            self.peers.add(addr)
+            self.sock.sendto(data, addr)
+
+    def get_extra_info(self, name: str) -> tuple[str, int]:
+        assert name == "sockname"
+        host, port = self.sock.getsockname()
+        return host, port
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def start_echo(port: int = 0) -> tuple[Echo, Echo]:
+    echo = Echo(port)
+    return echo, echo
+
+
+def client() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LO, 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def exchange(sock: socket.socket, addr: tuple[str, int], payload: bytes,
+                   timeout: float = 2.0) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendto(sock, payload, addr)
+    try:
+        async with asyncio.timeout(timeout):
+            return await loop.sock_recv(sock, 65535)
+    except TimeoutError:
+        return None
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((LO, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def forwarder(target: tuple[str, int], **kw: object) -> UdpForwarder:
+    return UdpForwarder("test", HOST_NET.bind_udp(LO, 0), HOST_NET, target, **kw)  # type: ignore[arg-type]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_each_peer_gets_its_own_session_and_replies() -> None:
+    async def main() -> None:
+        transport, echo = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"))
+        await fwd.start()
+        clients = [client() for _ in range(20)]
+        for rnd in range(3):
+            for i, sock in enumerate(clients):
+                payload = f"client {i} round {rnd}".encode()
+                assert await exchange(sock, fwd.address, payload) == payload
+        assert len(echo.peers) == 20  # one source port at the target per peer
+        c = fwd.counters
+        assert (c.connections, c.open, c.datagrams_in, c.datagrams_out, c.dropped) == (
+            20, 20, 60, 60, 0
+        )
+        assert c.bytes_in == c.bytes_out == sum(
+            len(f"client {i} round {r}") for i in range(20) for r in range(3)
+        )
+        await fwd.close()
+        assert fwd.counters.open == 0
+        for sock in clients:
+            sock.close()
+        transport.close()
+
+    run(main())
+
+
+def test_target_down_drops_and_counts_then_recovers() -> None:
+    async def main() -> None:
+        port = free_udp_port()
+        fwd = forwarder((LO, port))
+        await fwd.start()
+        sock = client()
+        assert await exchange(sock, fwd.address, b"anyone?", timeout=0.3) is None
+        await until(lambda: fwd.counters.dropped >= 1)  # the ICMP port unreachable
+        assert await exchange(sock, fwd.address, b"still?", timeout=0.3) is None
+        transport, _ = await start_echo(port)
+        assert await exchange(sock, fwd.address, b"back") == b"back"  # same session, no restart
+        assert fwd.counters.open == 1 and fwd.counters.connections == 1
+        await fwd.close()
+        transport.close()
+        sock.close()
+
+    run(main())
+
+
+def test_idle_sessions_close_their_sockets() -> None:
+    async def main() -> None:
+        transport, _ = await start_echo()
+        closed: list[ConnectionSummary] = []
+        fwd = UdpForwarder("test", HOST_NET.bind_udp(LO, 0), HOST_NET,
+                           transport.get_extra_info("sockname"), idle_timeout=0.3,
+                           on_close=closed.append)
+        await fwd.start()
+        before = open_fds()
+        clients = [client() for _ in range(50)]
+        for sock in clients:
+            assert await exchange(sock, fwd.address, b"x") == b"x"
+        assert open_fds() >= before + 100  # 50 clients + 50 session sockets
+        for sock in clients:
+            sock.close()
+        await until(lambda: fwd.counters.open == 0, timeout=5)
+        await asyncio.sleep(0)  # transports close their sockets on the next loop iteration
+        await until(lambda: open_fds() <= before, timeout=5)
+        assert len(closed) == 50 and {s.reason for s in closed} == {"idle timeout"}
+        assert all(s.bytes_in == s.bytes_out == 1 for s in closed)
+        await fwd.close()
+        transport.close()
+
+    run(main())
+
+
+def test_cap_evicts_least_recently_used_and_bounds_sockets() -> None:
+    async def main() -> None:
+        transport, echo = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"), max_sessions=10)
+        await fwd.start()
+        busy = client()
+        assert await exchange(busy, fwd.address, b"busy") == b"busy"
+        before = open_fds()
+        for i in range(100):
+            sock = client()
+            assert await exchange(sock, fwd.address, b"%d" % i) == b"%d" % i
+            sock.close()
+            if i % 5 == 0:
+                assert await exchange(busy, fwd.address, b"busy") == b"busy"
+            assert fwd.counters.open <= 10
+        await asyncio.sleep(0)
+        assert open_fds() <= before + 10
+        busy_port = busy.getsockname()
+        assert busy_port in {s.key for _, s in [(k, fwd.sessions.peek(k)) for k in fwd.sessions]
+                             if s is not None}
+        # the busy visitor kept one session all along: the target saw one port for it
+        assert fwd.counters.connections == 101
+        await fwd.close()
+        transport.close()
+        busy.close()
+        assert len(echo.peers) == 101
+
+    run(main())
+
+
+def test_datagrams_from_other_hosts_are_dropped_when_a_source_is_required() -> None:
+    async def main() -> None:
+        transport, echo = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"), allowed_source="127.0.0.2")
+        await fwd.start()
+        sock = client()
+        assert await exchange(sock, fwd.address, b"hi", timeout=0.3) is None
+        assert fwd.counters.dropped == 1 and fwd.counters.connections == 0 and not echo.peers
+        await fwd.close()
+        transport.close()
+        sock.close()
+
+    run(main())
+
+
+def test_largest_datagram_crosses_whole() -> None:
+    async def main() -> None:
+        transport, _ = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"))
+        await fwd.start()
+        sock = client()
+        for size in (0, 1, 1400, 8000, 65507):
+            payload = os.urandom(size)
+            assert await exchange(sock, fwd.address, payload) == payload
+        await fwd.close()
+        transport.close()
+        sock.close()
+
+    run(main())
