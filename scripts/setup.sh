@@ -16,9 +16,10 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 APT_PACKAGES=(wireguard-go wireguard-tools nftables iproute2 iputils-ping pebble iperf3 socat dnsmasq-base
               wrk nginx-light
-              curl openssl procps python3-venv)
+              curl openssl procps python3-venv
+              bind9-dnsutils)
 # One binary per package above (python3-venv is checked through dpkg only).
-BINARIES=(wireguard-go wg nft ip ping pebble iperf3 socat dnsmasq wrk nginx curl openssl ps)
+BINARIES=(wireguard-go wg nft ip ping pebble iperf3 socat dnsmasq wrk nginx curl openssl ps dig)
 
 have_binaries() {
     local bin

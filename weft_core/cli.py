@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__, telemetry
 from .config import load_toml, to_defaults, tunnel_config
 from .errors import ApiError, ExitCode, UsageError, WeftError
+from .netctx import raise_open_file_limit
 from .plugins import PluginHost, load_plugins
 from .settings import (
     RouteSpec,
@@ -408,7 +409,8 @@ def _ago(then: float, now: float) -> str:
 def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> str:
     """The `weft list` table: one row per route (a tunnel without routes gets one row)."""
     size = human_size if human else (lambda n: str(int(n)))
-    header = ("NAME", "WG ADDRESS", "PUBLIC", "LOCAL", "IN", "OUT", "CONNS", "SINCE", "LAST SEEN")
+    header = ("NAME", "WG ADDRESS", "PUBLIC", "LOCAL", "IN", "OUT", "DATAGRAMS", "CONNS", "SINCE",
+              "LAST SEEN")
     rows = [header]
     for t in tunnels:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["connected_since"]))
@@ -424,6 +426,7 @@ def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> st
                     r["local"],
                     size(r["bytes_in"]),
                     size(r["bytes_out"]),
+                    _datagrams(r),
                     str(r["connections"]),
                     since,
                     _ago(t["last_seen"], now),
@@ -432,11 +435,19 @@ def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> st
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(
-            cell.rjust(w) if 4 <= i <= 6 else cell.ljust(w)
+            cell.rjust(w) if 4 <= i <= 7 else cell.ljust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
         for row in rows
     )
+
+
+def _datagrams(route: dict[str, Any]) -> str:
+    """`in/out` datagrams of a datagram route (udp://), `-` for stream routes."""
+    d_in, d_out = int(route.get("datagrams_in", 0)), int(route.get("datagrams_out", 0))
+    if not (d_in or d_out) and not str(route.get("public_url", "")).startswith("udp:"):
+        return "-"
+    return f"{d_in}/{d_out}"
 
 
 def _list_tunnels(args: argparse.Namespace) -> int:
@@ -473,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 defaults = to_defaults(sub, load_toml(args.config), str(args.config))
             sub.set_defaults(**defaults)
             args = parser.parse_args(argv)
+        if args.command in ("server", "tunnel", "proxy"):
+            raise_open_file_limit()  # two sockets per relayed connection
         if args.command == "server":
             from .server import run_server
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import resource
 import socket
 
 
@@ -88,3 +89,20 @@ def close_quietly(sock: socket.socket | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit; return the limit in force.
+
+    Every relayed connection holds two sockets, so the common default soft limit of 1,024 would
+    cap a server or tunnel at about 500 connections while the hard limit (often 524,288 under
+    systemd) allows far more. Never raises.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (OSError, ValueError):
+        return -1
+    return int(soft)

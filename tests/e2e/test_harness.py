@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from netns import (
     NAT_NET,
     ROUTER_PUBLIC_ADDR,

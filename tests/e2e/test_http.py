@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from netns import Lab, wait_until
 from weftlab import SERVER_IP, WEFT, start_server, start_tunnel
 

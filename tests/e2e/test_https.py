@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from netns import Lab, Proc
 from weftlab import SERVER_IP, WEFT, start_server, start_tunnel, wait_ready
 

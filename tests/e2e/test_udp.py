@@ -17,8 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from netns import Host, Lab, Proc, wait_until
-from weftlab import SERVER_IP, WEFT, ready_urls, restart_server, start_server, start_tunnel, wait_ready
+from weftlab import (
+    SERVER_IP,
+    WEFT,
+    ready_urls,
+    restart_server,
+    start_server,
+    start_tunnel,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -101,7 +110,7 @@ def test_echo_in_order_whole_large_datagrams_and_counters(lab: Lab) -> None:
     assert counters["dropped"] == 0
     assert counters["connections"] == 2 and counters["open"] == 2  # two visitor sockets so far
     table = lab.visitor.check([WEFT, "list", server.url()])
-    assert url in table and str(total) in table
+    assert url in table and str(total) in table and "306/306" in table  # datagrams in/out
 
 
 def test_real_dns_server_answers_a_real_dns_client_through_the_tunnel(lab: Lab) -> None:

@@ -11,9 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from weft_http import certs, vhost
 
 from weft_core import HOST_NET, ApiError
+from weft_http import certs, vhost
 
 
 def make_pair(names: list[str], days: int = 30, start_days: int = -1) -> tuple[bytes, bytes]:

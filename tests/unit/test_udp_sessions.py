@@ -1,8 +1,9 @@
-"""The UDP session table (weft_udp.sessions): LRU cap and idle expiry, with no sockets and no clock."""
+"""The UDP session table (weft_udp.sessions): LRU cap and idle expiry, no sockets, no clock."""
 
 from __future__ import annotations
 
 import pytest
+
 from weft_udp.sessions import SessionTable
 
 A, B, C, D = ("198.51.100.20", 1001), ("198.51.100.20", 1002), ("198.51.100.21", 1001), ("::1", 9)

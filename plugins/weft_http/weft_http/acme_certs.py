@@ -32,6 +32,8 @@ from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from weft_core import record_event
+
 from . import vhost
 from .certs import CertificateError, CertInfo, check_pair, split_pem
 
@@ -245,8 +247,15 @@ class AcmeManager:
         if stored is not None and not self.due(stored):
             log.info("ACME: reusing the stored certificate for %s (serial %x, valid until %s)",
                      name, stored.info.serial, stored.info.not_after)
+            record_event("certificate", event="loaded", name=name)
             return stored, False
-        return await asyncio.to_thread(self.order, name), True
+        try:
+            fresh = await asyncio.to_thread(self.order, name)
+        except AcmeFailure:
+            record_event("certificate", event="failed", name=name)
+            raise
+        record_event("certificate", event="issued", name=name)
+        return fresh, True
 
     # --- renewal ---------------------------------------------------------------------------
 
@@ -273,9 +282,11 @@ class AcmeManager:
                     fresh = await asyncio.to_thread(self.order, name)
                 except AcmeFailure as exc:
                     log.warning("ACME: renewing %s failed (will retry): %s", name, exc)
+                    record_event("certificate", event="failed", name=name)
                     continue
                 if self.watched.get(name) is install:
                     install(fresh)
+                    record_event("certificate", event="renewed", name=name)
                     log.info("ACME: certificate for %s renewed (serial %x)", name,
                              fresh.info.serial)
 

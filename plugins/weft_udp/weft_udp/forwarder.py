@@ -222,9 +222,9 @@ class UdpForwarder:
                 self.counters.dropped += 1
                 self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
                 return False
-        # An earlier datagram came back as an ICMP error (that one is lost: count it); the error
-        # is now cleared, so this one may well go through (the target is back up).
-        self._target_error(exc)
+            # An earlier datagram came back as an ICMP error (that one is lost: count it); the
+            # error is now cleared, so this one may well go through (the target is back up).
+            self._target_error(exc)
         try:
             sock.send(data)
             return True
@@ -333,9 +333,9 @@ class UdpForwarder:
         for _, session in self.sessions.expire(self._loop.time()):
             self._close_session(session, "idle timeout")
         for key in self.sessions:
-            session = self.sessions.peek(key)
-            if session is not None and session.stream is not None:
-                self._collect_errors(session.stream)
+            found = self.sessions.peek(key)
+            if found is not None and found.stream is not None:
+                self._collect_errors(found.stream)
         if not self._closed:
             self._schedule_sweep()
 
