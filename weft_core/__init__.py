@@ -10,7 +10,7 @@ from .netctx import HOST_NET, NetContext
 from .plugins import ENTRY_POINT_GROUP, hookimpl
 from .protocol import Endpoint, Published, Route, ServerContext, TunnelContext, TunnelProtocol
 from .relay import ConnectionSummary, Counters, Relay, TcpForwarder
-from .state import default_state_dir
+from .state import default_state_dir, write_private
 from .telemetry import record_event
 from .urls import RouteUrl, ServerUrl, format_host_port, parse_route_url, parse_server_url
 
@@ -43,4 +43,5 @@ __all__ = [
     "parse_route_url",
     "parse_server_url",
     "record_event",
+    "write_private",
 ]

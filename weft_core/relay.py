@@ -77,6 +77,19 @@ class ConnectionSummary:
     reason: str
 
 
+def log_connection(logger: logging.Logger, tunnel_name: str, summary: ConnectionSummary) -> None:
+    """The one --verbose line per finished connection, on either side."""
+    logger.info(
+        "tunnel %s: connection %s closed (%s): %d bytes in, %d bytes out, %.1fs",
+        tunnel_name,
+        summary.peer,
+        summary.reason,
+        summary.bytes_in,
+        summary.bytes_out,
+        summary.duration,
+    )
+
+
 class _Pair:
     """Two connected sockets, `a` (accepted side) and `b` (dialled side)."""
 

@@ -24,7 +24,7 @@ from .firewall import ServerIsolation, check_nftables
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .registry import Registry, TunnelRecord
-from .relay import ConnectionSummary
+from .relay import ConnectionSummary, log_connection
 from .settings import ServerSettings
 from .state import StateDir, make_tls_certificate, write_private
 from .urls import RouteUrl, format_host_port
@@ -77,15 +77,7 @@ class RouteContext:
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         if self._server.settings.verbose:
-            self.log.info(
-                "tunnel %s: %s closed (%s): %d bytes in, %d bytes out, %.1fs",
-                self.tunnel_name,
-                summary.peer,
-                summary.reason,
-                summary.bytes_in,
-                summary.bytes_out,
-                summary.duration,
-            )
+            log_connection(self.log, self.tunnel_name, summary)
 
 
 class Server:

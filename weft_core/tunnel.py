@@ -24,7 +24,7 @@ from .firewall import TunnelIsolation, check_nftables
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .protocol import Endpoint, Route, TunnelProtocol
-from .relay import ConnectionSummary
+from .relay import ConnectionSummary, log_connection
 from .settings import TunnelSettings
 from .urls import RouteUrl, format_host_port, parse_route_url
 from .wireguard import Peer, WireGuardInterface, unique_interface_name
@@ -87,15 +87,7 @@ class ForwarderContext:
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         if self._verbose:
-            log.info(
-                "tunnel %s: connection %s closed (%s): %d bytes in, %d bytes out, %.1fs",
-                self.tunnel_name,
-                summary.peer,
-                summary.reason,
-                summary.bytes_in,
-                summary.bytes_out,
-                summary.duration,
-            )
+            log_connection(log, self.tunnel_name, summary)
 
 
 class Tunnel:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_list_shows_what_was_carried(lab: Lab) -> None:
     table = _weft(lab.tunnel, "list", server.url(), "-l").stdout
     assert re.search(
         r"db\s+10\.1\.0\.2\s+tcp://198\.51\.100\.1:15432\s+tcp://127\.0\.0\.1:5432"
-        r"\s+296\.0 KiB\s+296\.0 KiB\s+3\s",
+        r"\s+296\.0 KiB\s+296\.0 KiB\s+-\s+3\s",
         table,
     ), table
     assert server.secret not in table
@@ -180,3 +181,22 @@ def test_proxy_relays_locally_without_a_server(lab: Lab) -> None:
     busy = _weft(lab.server, "proxy", f"tcp://{SERVER_IP}:8080", "tcp://127.0.0.1:5433")
     assert busy.returncode == 1 and "cannot listen on 198.51.100.1:8080" in busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+UDP_PEERS = str(Path(__file__).with_name("udp_peers.py"))
+
+
+def test_udp_proxy_relays_locally(lab: Lab) -> None:
+    echo = lab.server.popen([sys.executable, UDP_PEERS, "echo", "127.0.0.1", "5353"], name="uecho")
+    echo.wait_for_line(r"^listening ", timeout=10)
+    proxy = lab.server.popen(
+        [WEFT, "proxy", f"udp://{SERVER_IP}:5300", "udp://127.0.0.1:5353"], name="uproxy"
+    )
+    proxy.wait_for_line(r"^ready\s+udp://198\.51\.100\.1:5300 -> udp://127\.0\.0\.1:5353")
+    result = lab.visitor.run([sys.executable, UDP_PEERS, "order", SERVER_IP, "5300", "50", "1200"])
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "sent": 50,
+        "received": 50,
+        "in_order": True,
+        "intact": True,
+    }, result.stdout + result.stderr

@@ -19,8 +19,6 @@ import contextlib
 import datetime
 import json
 import logging
-import os
-import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from weft_core import record_event
+from weft_core import record_event, write_private
 
 from . import vhost
 from .certs import CertificateError, CertInfo, check_pair, split_pem
@@ -45,21 +43,6 @@ LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 class AcmeFailure(Exception):
     """Why a certificate could not be obtained, in words for the tunnel's user."""
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @attrs.frozen
@@ -162,7 +145,7 @@ class AcmeManager:
         except FileNotFoundError:
             private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             jwk = jose.JWKRSA(key=private)
-            _write_private(key_path, jwk.json_dumps().encode())
+            write_private(key_path, jwk.json_dumps().encode())
         verify: bool | str = self.settings.ca_bundle or True
         net = client.ClientNetwork(jwk, user_agent="weft-http", timeout=15,
                                    verify_ssl=verify)  # type: ignore[arg-type]  # a path works
@@ -188,7 +171,7 @@ class AcmeManager:
             except errors.ConflictError as exc:  # the key is known already: look it up
                 regr = acme.query_registration(messages.RegistrationResource(
                     uri=str(exc.location), body=messages.Registration()))
-            _write_private(account_path, json.dumps(
+            write_private(account_path, json.dumps(
                 {"directory": self.settings.directory, "uri": regr.uri}).encode())
             log.info("ACME: account registered at %s", self.settings.directory)
         self._client = acme
@@ -234,8 +217,8 @@ class AcmeManager:
         chain = finished.fullchain_pem.encode()
         info = check_pair(chain, key_pem, name)
         path = self._cert_path(name)
-        _write_private(path, chain + key_pem)
-        _write_private(path.with_suffix(".json"),
+        write_private(path, chain + key_pem)
+        write_private(path.with_suffix(".json"),
                        json.dumps({"directory": self.settings.directory}).encode())
         log.info("ACME: certificate for %s issued (serial %x, valid until %s)",
                  name, info.serial, info.not_after)

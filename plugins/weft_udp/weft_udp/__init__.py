@@ -154,7 +154,7 @@ class UdpProtocol:
             target,
             idle_timeout=float(_option(ctx.options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT)),
             max_sessions=int(_option(ctx.options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
-            allowed_source=ctx.server_address,
+            allowed_source=ctx.server_address or None,  # "" in `weft proxy`: anyone
             on_close=ctx.connection_closed,
         )
         try:
