@@ -113,6 +113,9 @@ class TunnelProtocol(Protocol):
         """Check a route on the tunnel side (raise UsageError) and fill in defaults."""
         ...
 
+    # Optional: `validate_proxy(route) -> Route` validates a `weft proxy SRC DST` route
+    # (remote = SRC, a local listen address) when `validate` expects something else there.
+
     def route_options(self, route: Route, options: argparse.Namespace) -> dict[str, Any]:
         """Extra JSON-safe data the tunnel sends with the route (e.g. a certificate)."""
         ...

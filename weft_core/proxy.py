@@ -23,7 +23,9 @@ async def run_proxy(
     protocol = host.protocol(src.scheme)
     if src.port is None:
         raise UsageError(f"{src}: give the port to listen on, like {src.scheme}://127.0.0.1:8080")
-    route = protocol.validate(Route(local=dst, remote=src))
+    # A protocol whose remote side is not an address (http://NAME) says how it proxies, if it does.
+    validate = getattr(protocol, "validate_proxy", None) or protocol.validate
+    route = validate(Route(local=dst, remote=src))
     listen_host = src.host or "127.0.0.1"
     route = Route(route.local, route.remote, protocol.route_options(route, options))
     ctx = ForwarderContext(

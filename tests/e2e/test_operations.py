@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import Host, Lab
+from netns import Host, Lab, wait_until
 from weftlab import SERVER_IP, WEFT, peer, service, start_server, start_tunnel, wait_ready
 
 pytestmark = pytest.mark.netns
@@ -186,7 +186,7 @@ def test_proxy_relays_locally_without_a_server(lab: Lab) -> None:
 UDP_PEERS = str(Path(__file__).with_name("udp_peers.py"))
 
 
-def test_udp_proxy_relays_locally(lab: Lab) -> None:
+def test_udp_and_http_proxies_relay_locally(lab: Lab) -> None:
     echo = lab.server.popen([sys.executable, UDP_PEERS, "echo", "127.0.0.1", "5353"], name="uecho")
     echo.wait_for_line(r"^listening ", timeout=10)
     proxy = lab.server.popen(
@@ -200,3 +200,20 @@ def test_udp_proxy_relays_locally(lab: Lab) -> None:
         "in_order": True,
         "intact": True,
     }, result.stdout + result.stderr
+    web = lab.server.popen(
+        [sys.executable, "-m", "http.server", "8001", "--bind", "127.0.0.1"],
+        name="web",
+        cwd=str(Path(UDP_PEERS).parent),
+    )
+    hproxy = lab.server.popen(
+        [WEFT, "proxy", f"http://{SERVER_IP}:8081", "http://127.0.0.1:8001"], name="hproxy"
+    )
+    hproxy.wait_for_line(r"^ready\s+http://198\.51\.100\.1:8081 -> http://127\.0\.0\.1:8001")
+    wait_until(
+        lambda: peer(lab.server, "probe", "127.0.0.1", 8001, 1)["state"] == "open",
+        timeout=10,
+        message="http.server did not start",
+    )
+    page = lab.visitor.check(["curl", "-sf", f"http://{SERVER_IP}:8081/udp_peers.py"])
+    assert page == Path(UDP_PEERS).read_text()
+    assert web.returncode is None

@@ -95,6 +95,13 @@ class HttpProtocol:
             raise UsageError(f"remote URL {remote}: paths are not supported")
         return Route(local, remote.with_host(name), route.options)
 
+    def validate_proxy(self, route: Route) -> Route:
+        """`weft proxy http://ADDR:PORT LOCAL`: the tunnel-side forwarder on a local address."""
+        if self.scheme == "https":
+            raise UsageError("weft proxy accepts plain http:// here: it does not terminate TLS")
+        named = self.validate(Route(route.local, route.remote.with_host("proxy.invalid")))
+        return Route(named.local, route.remote, route.options)
+
     def route_options(self, route: Route, options: argparse.Namespace) -> dict[str, Any]:
         return {}
 
