@@ -213,6 +213,9 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, CommandRegi
         "plugins",
         help="list installed plugins and the URL schemes they serve",
         description="List installed plugins and the URL schemes they serve.",
+        epilog="example:\n  weft plugins\n\nA scheme missing here? pip install weft-udp (udp://) "
+        "or weft-http (http://, https://); third-party plugins: see docs/plugins.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
     listing = sub.add_parser(
