@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from netns import Lab, wait_until
 from weftlab import (
     SERVER_IP,
+    WEFT,
     peer,
     ready_urls,
     restart_server,
@@ -163,3 +166,28 @@ def test_server_sigterm_removes_interfaces_and_firewall_rules(lab: Lab) -> None:
     assert server.proc.wait(timeout=15) == 0
     assert "wefts" not in lab.server.check(["ip", "-o", "link"])
     assert "weft_" not in lab.server.check(["nft", "list", "tables"])
+
+
+def test_unreachable_server_exits_4_or_keeps_trying_until_it_appears(lab: Lab) -> None:
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    url = f"weft://{'s' * 43}@{SERVER_IP}"
+    gone = lab.tunnel.popen([WEFT, "tunnel", url, "tcp://127.0.0.1:5432", PUBLIC], name="gone")
+    assert gone.wait(timeout=30) == 4
+    assert re.search(r"cannot reach 198\.51\.100\.1:9092", gone.output()), gone.output()
+
+    # With --keep-trying the tunnel waits for the server, saying so, and then publishes.
+    state = Path(tempfile.mkdtemp(prefix="weft-later-"))
+    (state / "state").mkdir(mode=0o700)
+    patient = lab.tunnel.popen(
+        [WEFT, "tunnel", "--keep-trying", f"weft://@{SERVER_IP}", "tcp://127.0.0.1:5432", PUBLIC],
+        name="patient",
+        extra_env={"WEFT_SECRET": "x" * 43},
+    )
+    patient.wait_for_line(r"reconnecting in", timeout=20)
+    # The secret the server will use is known in advance: it persists in the state directory.
+    write_secret = state / "state" / "secret"
+    write_secret.write_text("x" * 43 + "\n")
+    write_secret.chmod(0o600)
+    start_server(lab, state_dir=state / "state")
+    wait_ready(patient, 1, timeout=60)
+    assert peer(lab.visitor, "stream", SERVER_IP, 15432, 10_000)["intact"] is True
