@@ -19,6 +19,7 @@ built with weft_core.wireguard as tests/e2e/wg_node.py does): the baselines run 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import resource
@@ -180,11 +181,14 @@ def bare_wireguard(lab: Lab) -> list[WgNode]:
 
 def iperf(client_host: Host, host: str, port: int, seconds: float, streams: int) -> float:
     args = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"]
-    result = client_host.run(args, timeout=seconds + 60)
-    data = json.loads(result.stdout)
-    if "error" in data:
-        raise RuntimeError(f"iperf3 {' '.join(args)}: {data['error']}")
-    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+    for attempt in range(3):  # iperf3's server can refuse a test right after a port probe
+        result = client_host.run(args, timeout=seconds + 60)
+        data = json.loads(result.stdout)
+        if "error" not in data:
+            return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+        log(f"iperf3 attempt {attempt + 1}: {data['error']}")
+        time.sleep(1)
+    raise RuntimeError(f"iperf3 {' '.join(args)}: {data['error']}")
 
 
 def bulk(lab: Lab, s: TcpSettings) -> dict[str, Any]:
@@ -307,8 +311,36 @@ def idle(lab: Lab, server_pid: int, tunnel_pid: int, s: TcpSettings) -> dict[str
     }
 
 
+def inotify_capped(wanted: int) -> int:
+    """Tunnels this machine can run: every wireguard-go takes an inotify instance, and
+    fs.inotify.max_user_instances (often 128) caps them for all of root's processes."""
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    except (OSError, ValueError):
+        return wanted
+    in_use = sum(
+        1 for fd in Path("/proc").glob("[0-9]*/fd/*") if _readlink(fd) == "anon_inode:inotify"
+    )
+    return max(1, min(wanted, limit - in_use - 4))
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
 def many_tunnels(lab: Lab, server_url: str, server_pid: int, s: TcpSettings) -> dict[str, Any]:
     before = rss_mb(server_pid)
+    wanted = s.tunnels
+    s = attrs.evolve(s, tunnels=inotify_capped(s.tunnels))
+    if s.tunnels < wanted:
+        log(
+            f"tunnels: fs.inotify.max_user_instances leaves room for {s.tunnels} more "
+            f"wireguard-go processes, not {wanted}: running {s.tunnels} (raise it with "
+            f"sysctl fs.inotify.max_user_instances={wanted + 64} to run all)"
+        )
     per_host = -(-s.tunnels // s.tunnel_hosts)
     drivers: list[Proc] = []
     left = s.tunnels
@@ -336,6 +368,11 @@ def many_tunnels(lab: Lab, server_url: str, server_pid: int, s: TcpSettings) -> 
         json.loads(line[7:]) for d in drivers for line in d.lines() if line.startswith("RESULT ")
     ]
     ok = [r for r in results if r["ok"]]
+    if len(ok) < len(results):
+        errors = collections.Counter(
+            r.get("error", "not ready in 30 s") for r in results if not r["ok"]
+        )
+        log(f"tunnels that failed: {dict(errors)}")
     seconds = sorted(r["seconds"] for r in ok)
     rss = rss_mb(server_pid)
     phases = (
@@ -354,6 +391,7 @@ def many_tunnels(lab: Lab, server_url: str, server_pid: int, s: TcpSettings) -> 
     )
     return {
         "tunnels": len(ok),
+        "wanted": wanted,
         "failed": len(results) - len(ok),
         "hosts": len(drivers),
         "p50_ms": p(0.5),

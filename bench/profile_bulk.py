@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tcp import IPERF_PORT, PUBLIC_BULK, wait_tcp_port  # noqa: E402
-from netns import Host, Lab  # noqa: E402
-from weftlab import SERVER_IP, start_server, start_tunnel  # noqa: E402
+from bench_tcp import IPERF_PORT, PUBLIC_BULK, wait_tcp_port
+
+from netns import Host, Lab
+from weftlab import SERVER_IP, start_server, start_tunnel
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,7 +63,7 @@ def _received_bytes(output: str) -> float:
     """Bytes the iperf3 receiver got, from the client's summary (`... receiver` line)."""
     units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
     for line in output.splitlines():
-        if line.rstrip().endswith("receiver") and "[SUM]" in line or (
+        if (line.rstrip().endswith("receiver") and "[SUM]" in line) or (
             line.rstrip().endswith("receiver") and "[  5]" in line
         ):
             parts = line.split()
@@ -87,8 +88,17 @@ def main() -> int:
         )
         wait_tcp_port(lab.visitor, SERVER_IP, PUBLIC_BULK)
         client = lab.visitor.popen(
-            ["iperf3", "-c", SERVER_IP, "-p", str(PUBLIC_BULK), "-t", str(args.seconds + 2),
-             "-P", str(args.streams)],
+            [
+                "iperf3",
+                "-c",
+                SERVER_IP,
+                "-p",
+                str(PUBLIC_BULK),
+                "-t",
+                str(args.seconds + 2),
+                "-P",
+                str(args.streams),
+            ],
             name="iperf3-client",
         )
         time.sleep(1)
@@ -96,10 +106,23 @@ def main() -> int:
         before = {k: cpu_seconds(p) for k, p in pids.items()}
         spies = {
             name: subprocess.Popen(
-                [pyspy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)),
-                 "--rate", "200", "--format", "raw", "--nonblocking",
-                 "--output", str(work / f"{name}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(work / f"{name}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             for name, pid in (("server", server.proc.pid), ("tunnel", tunnel.pid))
         }
@@ -111,8 +134,10 @@ def main() -> int:
         client.wait(60)
         relayed = _received_bytes(client.output())
     weft_cpu = sum(after[k] - before[k] for k in after if ":weft:" in k or k.endswith("python"))
-    print(f"relayed {relayed / 1e9:.2f} GB; weft server+tunnel CPU "
-          f"{weft_cpu:.2f} s = {weft_cpu / max(relayed / 1e9, 1e-9):.2f} CPU-s per GB")
+    print(
+        f"relayed {relayed / 1e9:.2f} GB; weft server+tunnel CPU "
+        f"{weft_cpu:.2f} s = {weft_cpu / max(relayed / 1e9, 1e-9):.2f} CPU-s per GB"
+    )
     print(f"\nCPU over {elapsed:.1f}s (100% = one core), load {os.getloadavg()[0]:.2f}:")
     for key in sorted(after, key=lambda k: before[k] - after[k]):
         print(f"  {key:40} {100 * (after[key] - before[key]) / elapsed:6.1f}%")

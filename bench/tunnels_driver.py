@@ -77,6 +77,8 @@ async def run(server_url: str, prefix: str, count: int, local_port: int) -> None
         ready.cancel()
         s = getattr(tunnel, "stamps", {})
         result: dict[str, Any] = {"name": tunnel.name, "ok": "ready" in s}
+        if tasks[-1].done() and not tasks[-1].cancelled() and tasks[-1].exception():
+            result["error"] = repr(tasks[-1].exception())
         if "ready" in s:
             result["seconds"] = s["ready"] - s["start"]
             result["phases"] = {

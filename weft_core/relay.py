@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import socket
 from collections.abc import Callable
 
@@ -31,22 +29,6 @@ log = logging.getLogger("weft.relay")
 CHUNK = 256 * 1024
 _buffer = bytearray(CHUNK)  # shared: callbacks run one at a time on the loop thread
 _view = memoryview(_buffer)
-
-# Zero-copy (Linux): socket -> one shared pipe -> socket with os.splice, no bytes through Python.
-# Off unless WEFT_RELAY_SPLICE=1: bench/run.py measured it no faster (see docs/performance.md).
-_SPLICE = hasattr(os, "splice") and os.environ.get("WEFT_RELAY_SPLICE", "") == "1"
-_pipe: tuple[int, int] | None = None
-
-
-def _splice_pipe() -> tuple[int, int]:
-    """The pipe every pair splices through; always empty between callbacks."""
-    global _pipe
-    if _pipe is None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
-        _pipe = (r, w)
-    return _pipe
 
 
 @attrs.define
@@ -131,9 +113,6 @@ class _Pair:
         self._pump(self.b, self.a, False)
 
     def _pump(self, src: socket.socket, dst: socket.socket, a_to_b: bool) -> None:
-        if _SPLICE:
-            self._pump_splice(src, dst, a_to_b)
-            return
         try:
             n = src.recv_into(_buffer)
         except (BlockingIOError, InterruptedError):
@@ -172,58 +151,6 @@ class _Pair:
                 self.pending_ab = tail
             else:
                 self.pending_ba = tail
-            loop.remove_reader(src.fileno())
-            loop.add_writer(dst.fileno(), self.flush_ab if a_to_b else self.flush_ba)
-
-    def _pump_splice(self, src: socket.socket, dst: socket.socket, a_to_b: bool) -> None:
-        pipe_r, pipe_w = _splice_pipe()
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        try:
-            n = os.splice(src.fileno(), pipe_w, CHUNK, flags=flags)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close("reset")
-            return
-        loop = self.relay.loop
-        if n == 0:
-            loop.remove_reader(src.fileno())
-            if a_to_b:
-                self.eof_a = True
-            else:
-                self.eof_b = True
-            self._shutdown_if_flushed(dst, a_to_b)
-            return
-        self.last = loop.time()
-        counters = self.relay.counters
-        if a_to_b:
-            self.bytes_in += n
-            counters.bytes_in += n
-        else:
-            self.bytes_out += n
-            counters.bytes_out += n
-        sent = 0
-        error = False
-        while sent < n:
-            try:
-                sent += os.splice(pipe_r, dst.fileno(), n - sent, flags=flags)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                error = True
-                break
-        if sent < n:
-            # Empty the shared pipe: the unsent tail waits in memory, as on the copying path.
-            tail = bytearray()
-            while len(tail) < n - sent:
-                tail += os.read(pipe_r, n - sent - len(tail))
-            if error:
-                self.close("reset")
-                return
-            if a_to_b:
-                self.pending_ab = memoryview(bytes(tail))
-            else:
-                self.pending_ba = memoryview(bytes(tail))
             loop.remove_reader(src.fileno())
             loop.add_writer(dst.fileno(), self.flush_ab if a_to_b else self.flush_ba)
 
