@@ -24,7 +24,7 @@ import pytest
 
 from weft_core import auth
 from weft_core.control.api import ControlApi
-from weft_core.control.http import Message, render_request
+from weft_core.control.http import Message, read_message, render_request
 from weft_core.errors import ApiError
 from weft_core.plugins import load_plugins
 from weft_core.registry import Registry
@@ -844,5 +844,30 @@ def test_handle_answers_unicode_digit_length_with_400(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
         status, _ = await exchange(h, b"POST /login HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n")
         assert status == 400
+
+    run(tmp_path, test)
+
+
+def test_a_kept_alive_connection_serves_requests_in_turn_until_one_is_malformed(
+    tmp_path: Path,
+) -> None:
+    async def test(h: Harness) -> None:
+        listener = await asyncio.start_server(h.api.handle, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(3):  # e.g. a tunnel's health checks, on one connection
+                writer.write(render_request("GET", "/login", "h", None, None))
+                answer = await read_message(reader, request=False)
+                assert answer.start[0] == "200"
+                assert answer.headers["connection"] == "keep-alive"
+            assert h.api.connections == 1
+            writer.write(b"BROKEN\r\n\r\n")
+            answer = await read_message(reader, request=False)
+            assert answer.start[0] == "400" and answer.headers["connection"] == "close"
+            assert await reader.read() == b""  # and the server closed it
+            writer.close()
+        finally:
+            listener.close()
 
     run(tmp_path, test)

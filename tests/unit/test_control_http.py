@@ -203,7 +203,7 @@ def test_render_request_round_trip_with_token() -> None:
     assert msg.headers["host"] == "[2001:db8::1]:9092"
     assert msg.headers["content-type"] == "application/json"
     assert msg.headers["authorization"] == "Bearer tok"
-    assert msg.headers["connection"] == "close"
+    assert msg.headers["connection"] == "keep-alive"
     assert msg.json() == {"public_key": "k"}
 
 

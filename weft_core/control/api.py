@@ -36,7 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weft.control")
 
-READ_TIMEOUT = 10.0
+READ_TIMEOUT = 10.0  # for a connection's first request
+KEEPALIVE_IDLE = 60.0  # a kept connection may wait this long for its next request
+MAX_REQUESTS_PER_CONNECTION = 10_000
+MAX_CONNECTIONS = 4096  # open control connections at once; more are closed at once
+TIMEOUT = ApiError(408, "timeout", "the request took too long")
 MAX_NAME = 64
 
 
@@ -63,36 +67,61 @@ class ControlApi:
         self.server = server
         self.challenges: dict[str, auth.ChallengeStore] = {}
         self.limiter = auth.RateLimiter()
+        self.connections = 0
 
     # --- connection handling -----------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection: requests one after another while the client keeps it alive."""
+        if self.connections >= MAX_CONNECTIONS:  # bounded state, also for unauthenticated callers
+            writer.close()
+            return
+        self.connections += 1
         peer = writer.get_extra_info("peername") or ("?", 0)
         sockname = writer.get_extra_info("sockname") or ("?", 0)
         source, local = str(peer[0]), str(sockname[0])
         try:
-            try:
-                async with asyncio.timeout(READ_TIMEOUT):
-                    request = await read_message(reader, request=True)
-                status, payload = await self.dispatch(request, source, local)
-            except ApiError as exc:
-                status, payload = exc.status, {"error": exc.code, "message": exc.message}
-            except TimeoutError:
-                status, payload = 408, {"error": "timeout", "message": "the request took too long"}
-            except Exception:
-                log.exception("control API: unexpected failure")
-                status, payload = 500, {"error": "internal", "message": "internal server error"}
-            writer.write(render_response(status, payload))
-            await writer.drain()
+            for served in range(MAX_REQUESTS_PER_CONNECTION):
+                keep_alive = served + 1 < MAX_REQUESTS_PER_CONNECTION
+                try:
+                    # The first request must come promptly; later ones may wait a while (kept
+                    # connections carry the tunnels' health checks).
+                    async with asyncio.timeout(READ_TIMEOUT if served == 0 else KEEPALIVE_IDLE):
+                        request = await read_message(reader, request=True)
+                except ApiError as exc:
+                    if exc.code == "closed":
+                        break  # the client closed its (kept) connection between requests
+                    status, payload, keep_alive = exc.status, _error(exc), False
+                except TimeoutError:
+                    if served:
+                        break  # an idle kept connection: just close it
+                    status, payload, keep_alive = 408, _error(TIMEOUT), False
+                else:
+                    keep_alive = keep_alive and request.headers.get("connection", "") != "close"
+                    status, payload = await self._answer(request, source, local)
+                writer.write(render_response(status, payload, keep_alive))
+                await writer.drain()
+                if not keep_alive:
+                    break
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.connections -= 1
             writer.close()
             try:
                 async with asyncio.timeout(2):
                     await writer.wait_closed()
             except (Exception, TimeoutError):
                 pass
+
+    async def _answer(self, request: Message, source: str, local: str) -> tuple[int, Any]:
+        try:
+            return await self.dispatch(request, source, local)
+        except ApiError as exc:
+            return exc.status, _error(exc)
+        except Exception:
+            log.exception("control API: unexpected failure")
+            return 500, {"error": "internal", "message": "internal server error"}
 
     async def dispatch(self, request: Message, source: str, local: str) -> tuple[int, Any]:
         method, target = request.start
@@ -347,6 +376,10 @@ class ControlApi:
         self._claims(request, local)
         realm = local if self.server.per_ip_secrets else None
         return 200, {"tunnels": [tunnel_summary(t) for t in self.server.registry.in_realm(realm)]}
+
+
+def _error(exc: ApiError) -> dict[str, str]:
+    return {"error": exc.code, "message": exc.message}
 
 
 def tunnel_summary(record: TunnelRecord) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import ssl
 import time
 from typing import Any
 
+import attrs
+
 from .. import auth
 from ..errors import ApiError, ExitCode, WeftError
 from ..urls import ServerUrl
@@ -37,6 +39,13 @@ def _tls_context() -> ssl.SSLContext:
     return context
 
 
+@attrs.frozen
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    fingerprint: bytes  # of the certificate this connection's server showed
+
+
 class ControlClient:
     def __init__(self, server: ServerUrl, tunnel_id: str, timeout: float = TIMEOUT) -> None:
         self.server = server
@@ -47,6 +56,30 @@ class ControlClient:
         self.pinned: bytes | None = None
         self.token: str | None = None
         self.token_expires = 0.0
+        self._conn: _Connection | None = None
+
+    async def _connect(self) -> _Connection:
+        """A new TLS connection, refused if its certificate is not the one the login proved."""
+        reader, writer = await asyncio.open_connection(
+            self.server.host, self.server.port, ssl=self._tls, server_hostname=None
+        )
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der:
+            writer.close()
+            raise ServerUnreachable("the server presented no TLS certificate")
+        seen = auth.fingerprint(der)
+        if self.pinned is not None and not hmac.compare_digest(seen, self.pinned):
+            writer.close()
+            # Never send the token to a certificate the login did not prove.
+            raise ApiError(495, "certificate_changed", "the server's TLS certificate changed")
+        return _Connection(reader, writer, seen)
+
+    def close(self) -> None:
+        """Close the kept-alive connection (if any)."""
+        if self._conn is not None:
+            self._conn.writer.close()
+            self._conn = None
 
     async def _exchange(
         self,
@@ -56,31 +89,33 @@ class ControlClient:
         token: str | None,
         timeout: float | None = None,
     ) -> tuple[int, Any, bytes]:
-        """One request on a fresh TLS connection: (status, JSON body, certificate fingerprint)."""
+        """One request: (status, JSON body, certificate fingerprint).
+
+        The connection is kept alive between requests (health checks need no new socket or TLS
+        handshake); a kept connection the server has closed meanwhile is replaced once.
+        """
         timeout = self.timeout if timeout is None else timeout
+        request = render_request(method, path, self.server.address, payload, token)
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.server.host, self.server.port, ssl=self._tls, server_hostname=None
-                )
-                try:
-                    ssl_object = writer.get_extra_info("ssl_object")
-                    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-                    if not der:
-                        raise ServerUnreachable("the server presented no TLS certificate")
-                    seen = auth.fingerprint(der)
-                    if self.pinned is not None and not hmac.compare_digest(seen, self.pinned):
-                        # Never send the token to a certificate the login did not prove.
-                        raise ApiError(
-                            495,
-                            "certificate_changed",
-                            "the server's TLS certificate changed since login",
-                        )
-                    writer.write(render_request(method, path, self.server.address, payload, token))
-                    await writer.drain()
-                    response = await read_message(reader, request=False)
-                finally:
-                    writer.close()
+                while True:
+                    reused = self._conn is not None
+                    conn = self._conn or await self._connect()
+                    self._conn = None
+                    try:
+                        conn.writer.write(request)
+                        await conn.writer.drain()
+                        response = await read_message(conn.reader, request=False)
+                    except (OSError, asyncio.IncompleteReadError, ApiError):
+                        conn.writer.close()
+                        if reused:
+                            continue  # the server closed the idle connection: once more, fresh
+                        raise
+                    if response.headers.get("connection", "").lower() == "close":
+                        conn.writer.close()
+                    else:
+                        self._conn = conn
+                    break
         except TimeoutError:
             raise ServerUnreachable(
                 f"no answer from {self.server.address} within {timeout:.0f}s"
@@ -103,7 +138,7 @@ class ControlClient:
             body = response.json()
         except ApiError:
             body = {}
-        return status, body, seen
+        return status, body, conn.fingerprint
 
     async def login(self) -> None:
         """Prove the secret both ways and get a token; pins the server's certificate."""

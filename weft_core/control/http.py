@@ -65,6 +65,8 @@ async def read_message(reader: asyncio.StreamReader, *, request: bool) -> Messag
             431, "head_too_large", f"the request head exceeds {MAX_HEAD} bytes"
         ) from None
     except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise ApiError(400, "closed", "the connection closed before a message") from None
         raise ApiError(
             400, "incomplete", "the connection closed in the middle of the head"
         ) from exc
@@ -105,14 +107,14 @@ async def read_message(reader: asyncio.StreamReader, *, request: bool) -> Messag
     return Message(start=start, headers=headers, body=body)
 
 
-def render_response(status: int, payload: Any) -> bytes:
+def render_response(status: int, payload: Any, keep_alive: bool = False) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode()
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"
-        "Connection: close\r\n\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -123,7 +125,7 @@ def render_request(method: str, path: str, host: str, payload: Any, token: str |
         f"{method} {path} HTTP/1.1",
         f"Host: {host}",
         "Accept: application/json",
-        "Connection: close",
+        "Connection: keep-alive",
         f"Content-Length: {len(body)}",
     ]
     if payload is not None:
