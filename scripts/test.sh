@@ -6,8 +6,9 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Everything the tests need, on a fresh machine too (quick when it is already set up).
+scripts/setup.sh
 VENV=${WEFT_VENV:-$PWD/.venv}
-[ -f "$VENV/bin/activate" ] || { echo "no virtual environment at $VENV: run scripts/setup.sh" >&2; exit 1; }
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
