@@ -217,3 +217,22 @@ def test_udp_and_http_proxies_relay_locally(lab: Lab) -> None:
     page = lab.visitor.check(["curl", "-sf", f"http://{SERVER_IP}:8081/udp_peers.py"])
     assert page == Path(UDP_PEERS).read_text()
     assert web.returncode is None
+
+
+def test_verbose_logs_each_connection_on_both_sides(lab: Lab) -> None:
+    server = start_server(lab, "--verbose")
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(
+        lab, server.url(), "tcp://127.0.0.1:5432", "tcp://:15432", "--verbose", "--name", "db"
+    )
+    assert peer(lab.visitor, "stream", SERVER_IP, 15432, 50_000)["intact"] is True
+    # Visitor address, tunnel, bytes each way, duration and how it ended.
+    server.proc.wait_for_line(
+        r"tunnel db: connection 198\.51\.100\.20:\d+ closed \(closed\): 51024 bytes in, "
+        r"51024 bytes out, \d+\.\ds",
+        timeout=10,
+    )
+    tunnel.wait_for_line(
+        r"tunnel db: connection 10\.1\.0\.1:\d+ closed \(closed\): 51024 bytes in", timeout=10
+    )
+    assert server.secret not in "\n".join(server.proc.lines()[6:] + tunnel.lines())
