@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 import attrs
 
@@ -114,14 +115,31 @@ class Tunnel:
     # --- one session -------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        server = self.settings.server
+        # wireguard-go takes a while to start: let it start while we log in and connect.
+        device = asyncio.ensure_future(
+            asyncio.to_thread(
+                WireGuardInterface.create,
+                unique_interface_name("weftt"),
+                self.private_key,
+                None,
+                backend=self.settings.wireguard_backend,
+            )
+        )
+        try:
+            answer = await self._login_and_connect()
+        finally:
+            # Whatever happened, the device is ours to keep (and to tear down) once it exists.
+            self.interface = await device
+        await self._bring_up(self.interface, answer)
+
+    async def _login_and_connect(self) -> dict[str, Any]:
         try:
             await self.client.login()
         except LoginRefused:
             telemetry.record_event("login", result="refused", tunnel=self.name)
             raise
         telemetry.record_event("login", result="accepted", tunnel=self.name)
-        answer = await self.client.call(
+        answer: dict[str, Any] = await self.client.call(
             "POST",
             "/connect",
             {
@@ -130,15 +148,13 @@ class Tunnel:
                 "address": self.address or "",
             },
         )
+        return answer
+
+    async def _bring_up(self, iface: WireGuardInterface, answer: dict[str, Any]) -> None:
+        server = self.settings.server
         self.address = address = str(ipaddress.IPv4Address(answer["address"]))
         server_address = str(ipaddress.IPv4Address(answer["server_address"]))
-        self.interface = iface = await asyncio.to_thread(
-            WireGuardInterface.create,
-            unique_interface_name("weftt"),
-            self.private_key,
-            f"{address}/32",
-            backend=self.settings.wireguard_backend,
-        )
+        await asyncio.to_thread(iface.assign_address, f"{address}/32")
         endpoint_host = await _resolve(server.host)
         iface.set_peer(
             Peer(

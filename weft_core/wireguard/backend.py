@@ -147,27 +147,38 @@ class WireGuardInterface:
         cls,
         name: str,
         private_key: str,
-        address: str,
+        address: str | None,
         *,
         listen_port: int | None = None,
         backend: str = "auto",
     ) -> WireGuardInterface:
-        """Create, configure and bring up NAME with ADDRESS ("10.1.0.1/16", "10.1.0.5/32")."""
+        """Create, configure and bring up NAME with ADDRESS ("10.1.0.1/16", "10.1.0.5/32").
+
+        With ADDRESS None the device is made and keyed but left down: `assign_address` finishes
+        the job once the address is known (a tunnel starts wireguard-go while it logs in).
+        """
         if not 0 < len(name) <= MAX_IFNAME or "/" in name or name.strip() != name:
             raise ValueError(f"invalid interface name {name!r} (1-15 characters, no '/')")
         decode_key(private_key)
-        ip_interface(address)  # ValueError now rather than after the device exists
+        if address is not None:
+            ip_interface(address)  # ValueError now rather than after the device exists
         if listen_port is not None and not 0 <= listen_port < 65536:
             raise ValueError(f"listen port out of range: {listen_port}")
         chosen = select_backend(backend)
         self = cls(name, _make_device(chosen, name))
         try:
             self._device.configure(private_key, listen_port)
-            self._index = links.configure_link(name, address)
+            if address is not None:
+                self._index = links.configure_link(name, address)
         except BaseException:
             self.close()
             raise
         return self
+
+    def assign_address(self, address: str) -> None:
+        """Give a device made without an address its ADDRESS, and bring it up."""
+        ip_interface(address)
+        self._index = links.configure_link(self.name, address)
 
     def listen_port(self) -> int:
         return self._device.listen_port()
