@@ -8,7 +8,15 @@ from __future__ import annotations
 from .errors import ApiError, ExitCode, UsageError, WeftError
 from .netctx import HOST_NET, NetContext
 from .plugins import ENTRY_POINT_GROUP, hookimpl
-from .protocol import Endpoint, Published, Route, ServerContext, TunnelContext, TunnelProtocol
+from .protocol import (
+    Endpoint,
+    Published,
+    Route,
+    ServerContext,
+    TunnelContext,
+    TunnelProtocol,
+    validate_port_route,
+)
 from .relay import ConnectionSummary, Counters, Relay, TcpForwarder
 from .state import default_state_dir, write_private
 from .telemetry import record_event
@@ -43,5 +51,6 @@ __all__ = [
     "parse_route_url",
     "parse_server_url",
     "record_event",
+    "validate_port_route",
     "write_private",
 ]

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from .errors import UsageError
 from .netctx import NetContext
 from .relay import ConnectionSummary, Counters
 from .urls import RouteUrl
@@ -127,3 +128,24 @@ class TunnelProtocol(Protocol):
     async def open_tunnel_forwarder(self, route: Route, ctx: TunnelContext) -> tuple[Endpoint, int]:
         """Open the forwarder on the tunnel; return it and the port it listens on."""
         ...
+
+
+def validate_port_route(route: Route, local_schemes: tuple[str, ...], example: str) -> Route:
+    """The common checks of a route to a local port (tcp://, udp://, ...), defaults filled in.
+
+    The local URL needs one of `local_schemes` and a port (`example` shows one) and defaults to
+    127.0.0.1; a remote without a port asks the server to choose one (port 0).
+    """
+    local, remote = route.local, route.remote
+    if local.scheme not in local_schemes:
+        wanted = " or ".join(f"{s}://" for s in local_schemes)
+        raise UsageError(
+            f"a {remote.scheme}:// route forwards to a {wanted} local URL, not {local}"
+        )
+    if not local.port:
+        raise UsageError(f"local URL {local} needs a port, like {example}")
+    return Route(
+        local.with_host(local.host or "127.0.0.1"),
+        remote.with_port(remote.port or 0),
+        route.options,
+    )

@@ -11,8 +11,8 @@ from weft_core import (
     ServerContext,
     TcpForwarder,
     TunnelContext,
-    UsageError,
     hookimpl,
+    validate_port_route,
 )
 
 
@@ -22,16 +22,7 @@ class TcpProtocol:
     local_schemes = ("tcp",)
 
     def validate(self, route: Route) -> Route:
-        local, remote = route.local, route.remote
-        if local.scheme not in self.local_schemes:
-            raise UsageError(f"a tcp:// route forwards to a tcp:// local URL, not {local}")
-        if local.port is None or local.port == 0:
-            raise UsageError(f"local URL {local} needs a port, like tcp://127.0.0.1:5432")
-        if not local.host:
-            route = Route(local.with_host("127.0.0.1"), remote, route.options)
-        if remote.port is None:
-            route = Route(route.local, remote.with_port(0), route.options)  # the server chooses
-        return route
+        return validate_port_route(route, self.local_schemes, "tcp://127.0.0.1:5432")
 
     def route_options(self, route: Route, options: argparse.Namespace) -> dict[str, Any]:
         return {}

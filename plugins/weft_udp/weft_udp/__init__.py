@@ -24,6 +24,7 @@ from weft_core import (
     TunnelContext,
     UsageError,
     hookimpl,
+    validate_port_route,
 )
 
 from .forwarder import UdpForwarder
@@ -96,16 +97,7 @@ class UdpProtocol:
     local_schemes = ("udp",)
 
     def validate(self, route: Route) -> Route:
-        local, remote = route.local, route.remote
-        if local.scheme not in self.local_schemes:
-            raise UsageError(f"a udp:// route forwards to a udp:// local URL, not {local}")
-        if local.port is None or local.port == 0:
-            raise UsageError(f"local URL {local} needs a port, like udp://127.0.0.1:53")
-        if not local.host:
-            route = Route(local.with_host("127.0.0.1"), remote, route.options)
-        if remote.port is None:
-            route = Route(route.local, remote.with_port(0), route.options)  # the server chooses
-        return route
+        return validate_port_route(route, self.local_schemes, "udp://127.0.0.1:53")
 
     def route_options(self, route: Route, options: argparse.Namespace) -> dict[str, Any]:
         # Told to the server so it can warn when the tunnel would forget sessions first.
