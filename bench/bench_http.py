@@ -1,21 +1,25 @@
 """Benchmark: a Weft http:// virtual host against nginx proxying over the same WireGuard link.
 
-    sudo .venv/bin/python bench/bench_http.py [--duration 10] [--connections 50]
+    sudo .venv/bin/python bench/bench_http.py [--duration 10] [--connections 50] [--rounds 3]
 
 Builds a namespace lab (tests/netns.py), runs nginx as the local web app on the tunnel host
 (1 KiB and 64 MiB static files), publishes it through `weft tunnel ... http://bench.example.test`,
 and starts a second nginx on the server host that proxies to the tunnel's forwarder on its
 WireGuard address (the same WireGuard link and tunnel-side forwarder; only the server-side HTTP
 proxy differs). wrk on the visitor host measures requests per second and latency for 1 KiB
-responses through both; curl measures large-download throughput through both and straight over
-WireGuard from the server host. Prints figures and ratios; never fails on a timing.
+responses through both, alternating in rounds (weft then nginx, then nginx then weft, ...) so a
+load that comes and goes on a shared machine hits both alike, and reports the medians; curl
+measures large-download throughput through both and straight over WireGuard from the server host.
+Prints figures and ratios; never fails on a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -87,6 +91,10 @@ def wrk(lab: Lab, url: str, duration: int, connections: int) -> dict[str, float]
             "errors": float(errors.group(1)) if errors else 0.0}
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def download(host: object, url: str) -> float:
     out = host.check(["curl", "-sS", "-o", "/dev/null", "-H", f"Host: {NAME}",  # type: ignore[attr-defined]
                       "-w", "%{speed_download}", url], timeout=300)
@@ -98,6 +106,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--big-mib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="wrk runs per side, alternating; medians are reported")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
@@ -124,15 +134,27 @@ def main() -> int:
             nginx_url = f"http://{SERVER_IP}:{BASELINE_PORT}/1k"
             wrk(lab, weft_url, 2, args.connections)  # warm up both paths
             wrk(lab, nginx_url, 2, args.connections)
-            weft = wrk(lab, weft_url, args.duration, args.connections)
-            base = wrk(lab, nginx_url, args.duration, args.connections)
+            load_before = os.getloadavg()[0]
+            runs: dict[str, list[dict[str, float]]] = {"weft": [], "nginx": []}
+            for i in range(max(args.rounds, 1)):
+                order = (("weft", weft_url), ("nginx", nginx_url))
+                for side, url in order if i % 2 == 0 else order[::-1]:
+                    runs[side].append(wrk(lab, url, args.duration, args.connections))
+            load_after = os.getloadavg()[0]
+            weft, base = median_run(runs["weft"]), median_run(runs["nginx"])
             big_weft = download(lab.visitor, f"http://{SERVER_IP}/big")
             big_nginx = download(lab.visitor, f"http://{SERVER_IP}:{BASELINE_PORT}/big")
             big_wg = download(lab.server, f"http://{wg_addr}:{fwd_port}/big")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n1 KiB responses, wrk -t2 -c{args.connections} -d{args.duration}s, keep-alive:")
+    rounds = max(args.rounds, 1)
+    print(f"\n1 KiB responses, wrk -t2 -c{args.connections} -d{args.duration}s, keep-alive, "
+          f"median of {rounds} alternating runs each (load average {load_before:.2f} before, "
+          f"{load_after:.2f} after):")
+    for i, (w, b) in enumerate(zip(runs["weft"], runs["nginx"], strict=True)):
+        print(f"  round {i + 1}: weft {w['rps']:.0f} req/s p99 {w['p99']:.2f} ms, nginx "
+              f"{b['rps']:.0f} req/s p99 {b['p99']:.2f} ms, ratio {w['rps'] / b['rps']:.2f}")
     print(f"  {'':<28} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for label, r in (("weft virtual host", weft), ("nginx reverse proxy", base)):
         print(f"  {label:<28} {r['rps']:>10.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "

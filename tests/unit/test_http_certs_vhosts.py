@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -129,5 +131,157 @@ def test_proxy_on_loopback_routes_by_host_and_streams() -> None:
         writer.close()
         await route.close()
         app.close()
+
+    asyncio.run(scenario())
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _proxy_site(handler: Handler, **limits: Any) -> tuple[asyncio.Server, vhost.VhostRoute,
+                                                                  int]:
+    """A Site on loopback with one route `a.example` to a local app served by `handler`."""
+    app = await asyncio.start_server(handler, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    site = vhost.Site("127.0.0.1", HOST_NET, vhost.HttpLimits(http_port=0, **limits), None)
+    await site.ensure_http()
+    assert site.http_server is not None
+    route = vhost.VhostRoute(site, "a.example", "http", "t1", HOST_NET, ("127.0.0.1", app_port),
+                             lambda s: None)
+    site.add(route)
+    return app, route, site.http_server.sockets[0].getsockname()[1]
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    size = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            size = int(line.split(b":")[1])
+    return head + await asyncio.wait_for(reader.readexactly(size), 5)
+
+
+def test_kept_alive_upstream_closed_by_the_app_is_retried_once() -> None:
+    """The app closes its side after each answer: the next request on the same visitor
+    connection is sent again on a fresh upstream connection (or finds it gone already)."""
+
+    async def scenario() -> None:
+        served = []
+
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            served.append(head.split(b"\r\n")[0])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # keep-alive claimed
+            await writer.drain()
+            writer.close()
+
+        server, route, port = await _proxy_site(app)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for path in (b"/1", b"/2", b"/3"):
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            assert (await _read_response(reader)).endswith(b"\r\n\r\nok")
+        assert served == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1", b"GET /3 HTTP/1.1"]
+        assert route.counters.connections == 3
+        writer.close()
+        await route.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_interim_answers_close_framing_and_half_closed_visitor() -> None:
+    async def scenario() -> None:
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            body = await reader.readexactly(5)
+            # No length, no chunking: the body ends when the app closes.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\ngot " + body)
+            await writer.drain()
+            writer.close()
+
+        server, route, port = await _proxy_site(app)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        writer.write_eof()  # a visitor that half-closes still gets its answer
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\ngot hello")
+        writer.close()
+        await route.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_head_timeouts_and_limits_without_a_timer_per_request() -> None:
+    async def scenario() -> None:
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+        server, route, port = await _proxy_site(app, header_timeout=0.3,
+                                                keepalive_timeout=0.6, max_header=1024)
+        loop = asyncio.get_running_loop()
+        # A head that never ends gets 408 after header_timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.example\r\n")
+        started = loop.time()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 408 ") and 0.25 < loop.time() - started < 2
+        writer.close()
+        # An idle keep-alive connection closes quietly after keepalive_timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):
+            writer.write(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            assert (await _read_response(reader)).startswith(b"HTTP/1.1 200 ")
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.5 < loop.time() - started < 2
+        writer.close()
+        # A head over the limit gets 431.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.example\r\nX: " + b"x" * 2000 + b"\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 431 ")
+        writer.close()
+        await route.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_upgrade_becomes_a_raw_two_way_stream() -> None:
+    async def scenario() -> None:
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\n"
+                         b"Connection: Upgrade\r\n\r\nhi ")
+            while data := await reader.read(65536):
+                writer.write(data.upper())
+            writer.write(b" bye")
+            writer.close()
+
+        server, route, port = await _proxy_site(app)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: echo\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"hi "
+        writer.write(b"abc" * 100000)
+        assert await asyncio.wait_for(reader.readexactly(300000), 5) == b"ABC" * 100000
+        writer.write_eof()  # half-close: the other direction still ends cleanly
+        assert await asyncio.wait_for(reader.read(), 5) == b" bye"
+        writer.close()
+        await route.close()
+        server.close()
 
     asyncio.run(scenario())

@@ -124,3 +124,41 @@ def test_upgrade_detection() -> None:
                                 b"\r\nUpgrade: WebSocket\r\n\r\n")
     assert req.upgrade == "websocket"
     assert h1.parse_request_head(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n").upgrade is None
+
+
+def test_clean_and_careful_parsing_agree() -> None:
+    """The one-match path for clean heads and the line-by-line path give the same request."""
+    clean = h1.parse_request_head(b"GET /p HTTP/1.1\r\nHost: A.example\r\nAccept: */*\r\n"
+                                  b"Connection: close\r\n\r\n")
+    careful = h1.parse_request_head(b"\r\nGET /p HTTP/1.1\nHost:  A.example \nAccept: */*\n"
+                                    b"Connection: close\n\n")
+    for req in (clean, careful):
+        assert (req.method, req.target, req.host, req.keep_alive) == ("GET", "/p", "a.example",
+                                                                      False)
+        assert req.headers == (("Host", "A.example"), ("Accept", "*/*"), ("Connection", "close"))
+    # The careful path forwards a canonical head (CRLF, no leading blank line).
+    out = h1.render_request_head(careful, [("X-Forwarded-For", "1.2.3.4")])
+    assert out == (b"GET /p HTTP/1.1\r\nHost: A.example\r\nAccept: */*\r\nConnection: close\r\n"
+                   b"X-Forwarded-For: 1.2.3.4\r\n\r\n")
+    # A clean head goes out as it came, with ours before the blank line.
+    assert h1.render_request_head(clean, [("X-Forwarded-For", "1.2.3.4")]).endswith(
+        b"Connection: close\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n")
+
+
+def test_smuggling_shapes_take_the_careful_path() -> None:
+    for head in (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: a\r\n Transfer-Encoding: chunked\r\n\r\n",
+                 b"GET\n / HTTP/1.1\r\nHost: a\r\n\r\n"):
+        with pytest.raises(h1.ParseError):
+            h1.parse_request_head(head)
+    # A head ends at the first blank line, whichever line ends it uses.
+    assert h1.find_head_end(b"GET / HTTP/1.1\nHost: a\n\nX: y\r\n\r\n") == 24
+    resp = h1.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                                  b"Content-Length: 5\r\n\r\n")
+    assert h1.response_body(resp, "GET") == h1.Framing("length", 5)
+    with pytest.raises(h1.ParseError):
+        h1.response_body(h1.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                                                b"Content-Length: 6\r\n\r\n"), "GET")
+    with pytest.raises(h1.ParseError):
+        h1.response_body(h1.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n"
+                                                b"\r\n"), "GET")

@@ -12,7 +12,7 @@ import datetime
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weft_core import (
     ApiError,
@@ -25,9 +25,17 @@ from weft_core import (
     hookimpl,
 )
 
-from . import acme_certs, h1, vhost
+from . import h1, vhost
 from .certs import CertificateError, check_pair, load_secret_files, server_context
 from .forwarder import TlsForwarder
+
+if TYPE_CHECKING:
+    from . import acme_certs
+
+# `acme` (with requests/urllib3) costs ~0.4 s and ~7 MB per process: `acme_certs` is imported
+# only when an https:// route needs a certificate over ACME.
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 LOCAL_DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -48,9 +56,10 @@ def _limits(options: argparse.Namespace) -> vhost.HttpLimits:
 
 
 def acme_settings(options: argparse.Namespace) -> acme_certs.AcmeSettings:
+    from . import acme_certs
+
     directory = getattr(options, "acme_directory", None) or (
-        acme_certs.LETS_ENCRYPT_STAGING if getattr(options, "acme_staging", False)
-        else acme_certs.LETS_ENCRYPT)
+        LETS_ENCRYPT_STAGING if getattr(options, "acme_staging", False) else LETS_ENCRYPT)
     bundle = getattr(options, "acme_ca_bundle", None)
     return acme_certs.AcmeSettings(
         directory=directory,
@@ -232,6 +241,8 @@ class HttpsProtocol(HttpProtocol):
         state_dir = getattr(ctx, "state_dir", None)
         if state_dir is None:
             raise ApiError(422, "certificate_failed", "this server cannot keep ACME state")
+        from . import acme_certs
+
         manager = acme_certs.manager_for(Path(state_dir), acme_settings(ctx.options))
         ctx.log.info("https://%s: obtaining a certificate from %s", name,
                      manager.settings.directory)
@@ -322,4 +333,6 @@ def weft_register_commands(cli: Any) -> None:
 
 @hookimpl
 def weft_server_stopping(server: Any) -> None:
-    acme_certs.stop_all()
+    acme = sys.modules.get(f"{__name__}.acme_certs")  # nothing to stop if it was never imported
+    if acme is not None:
+        acme.stop_all()

@@ -32,13 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from weft_core import record_event, write_private
 
-from . import vhost
+from . import LETS_ENCRYPT, LETS_ENCRYPT_STAGING, vhost  # noqa: F401 (constants kept here too)
 from .certs import CertificateError, CertInfo, check_pair, split_pem
 
 log = logging.getLogger("weft.http.acme")
-
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 
 class AcmeFailure(Exception):

@@ -47,18 +47,30 @@ def find_head_end(buf: bytes | bytearray, limit: int = MAX_HEAD) -> int | None:
     Raises ParseError(431) once `buf` holds `limit` bytes without the end of a head.
     """
     end = buf.find(b"\r\n\r\n", 0, limit + 4)
+    # Tolerate bare LF line ends (RFC 9112 section 2.2 allows recipients to): whichever blank
+    # line comes first ends the head.
+    lf = buf.find(b"\n\n", 0, end + 2 if end >= 0 else limit + 2)
+    if lf >= 0:
+        return lf + 2
     if end >= 0:
         return end + 4
-    # Tolerate bare LF line ends (RFC 9112 section 2.2 allows recipients to).
-    end = buf.find(b"\n\n", 0, limit + 2)
-    if end >= 0:
-        return end + 2
     if len(buf) >= limit:
         raise ParseError(431, "request header fields too large")
     return None
 
 
 Headers = tuple[tuple[str, str], ...]
+
+# A head whose every header line is `token:value` with CRLF line ends (the usual case) is checked
+# with one match and kept as it came; anything else takes the line-by-line path below, which says
+# exactly what is wrong, and is kept re-rendered in that canonical form.
+_CLEAN_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r\n]*+\r\n)*+\r\n\Z")
+_METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
+_HOSTS: dict[str, str | None] = {}  # Host header -> normalize_host(it), a small cache
+_CONNECTION = b"\r\nconnection:"
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_TRANSFER_ENCODING = b"\r\ntransfer-encoding:"
 
 
 def _parse_headers(lines: list[bytes], status: int) -> Headers:
@@ -88,49 +100,134 @@ def _tokens(headers: Headers, name: str) -> list[str]:
     return [t.strip().lower() for v in _get(headers, name) for t in v.split(",") if t.strip()]
 
 
-@attrs.frozen
-class RequestHead:
-    method: str
-    target: str
-    version: str  # "HTTP/1.1" or "HTTP/1.0"
-    headers: Headers
+def _render(first_line: str, headers: Headers) -> bytes:
+    return (first_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+            + "\r\n").encode("latin-1")
 
-    def get(self, name: str) -> str | None:
-        values = _get(self.headers, name)
-        return values[-1] if values else None
+
+class _Head:
+    """A head kept as bytes in canonical form (start line, `Name: value` lines ending in CRLF,
+    a blank line): fields are looked up in those bytes, not parsed into objects per request."""
+
+    __slots__ = ("_headers", "_low", "raw", "version")
+
+    raw: bytes
+    version: str
+    _low: bytes
+    _headers: Headers | None
+
+    def _init(self, raw: bytes, version: str, headers: Headers | None) -> None:
+        self.raw = raw
+        self._low = raw.lower()
+        self.version = version
+        self._headers = headers
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            raw = self.raw
+            fields = raw[raw.find(b"\r\n") + 2:-4]
+            self._headers = tuple(
+                (name.decode("ascii"), value.strip(b" \t").decode("latin-1"))
+                for name, _, value in (line.partition(b":") for line in fields.split(b"\r\n"))
+            ) if fields else ()
+        return self._headers
+
+    def _values(self, key: bytes) -> list[str]:
+        """The values of the field `key` (b"\r\nname:", lowercase), in order."""
+        low = self._low
+        i = low.find(key)
+        if i < 0:
+            return []
+        raw = self.raw
+        values = []
+        while i >= 0:
+            start = i + len(key)
+            end = low.find(b"\r\n", start)
+            values.append(raw[start:end].strip(b" \t").decode("latin-1"))
+            i = low.find(key, end)
+        return values
+
+    def _tokens(self, key: bytes) -> list[str]:
+        if key not in self._low:
+            return []
+        return [t.strip().lower() for v in self._values(key) for t in v.split(",") if t.strip()]
 
     def get_all(self, name: str) -> list[str]:
-        return _get(self.headers, name)
+        return self._values(b"\r\n" + name.lower().encode("latin-1", "replace") + b":")
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[-1] if values else None
+
+    @property
+    def keep_alive(self) -> bool:
+        low = self._low
+        if _CONNECTION not in low:
+            return self.version != "HTTP/1.0"
+        if b"close" not in low and self.version != "HTTP/1.0":
+            return True
+        tokens = self._tokens(_CONNECTION)
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+
+class RequestHead(_Head):
+    __slots__ = ("_hosts", "method", "target")
+
+    def __init__(self, method: str, target: str, version: str, headers: Headers,
+                 raw: bytes | None = None) -> None:
+        self.method = method
+        self.target = target
+        self._hosts: list[str] | None = None
+        if raw is None:
+            self._init(_render(f"{method} {target} {version}", headers), version, headers)
+        else:
+            self._init(raw, version, None)
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.raw!r})"
 
     @property
     def host(self) -> str | None:
         """The normalised virtual-host name this request is for, or None."""
-        if self.target.startswith(("http://", "https://")):
+        if self.target[:1] != "/" and self.target.startswith(("http://", "https://")):
             authority = self.target.split("://", 1)[1].split("/", 1)[0]
             return normalize_host(authority)
-        hosts = self.get_all("host")
+        hosts = self._host_values()
         if len(hosts) != 1:
             return None
-        return normalize_host(hosts[0])
+        value = hosts[0]
+        name = _HOSTS.get(value, "")
+        if name == "":
+            if len(_HOSTS) >= 1024:
+                _HOSTS.clear()
+            name = _HOSTS[value] = normalize_host(value)
+        return name
+
+    def _host_values(self) -> list[str]:
+        if self._hosts is None:
+            self._hosts = self._values(b"\r\nhost:")
+        return self._hosts
+
+    @property
+    def host_header(self) -> str | None:
+        """The Host header as sent (the last one), for X-Forwarded-Host."""
+        hosts = self._host_values()
+        return hosts[-1] if hosts else None
 
     @property
     def path(self) -> str:
-        if self.target.startswith(("http://", "https://")):
+        if self.target[:1] != "/" and self.target.startswith(("http://", "https://")):
             rest = self.target.split("://", 1)[1]
             return "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         return self.target
 
     @property
-    def keep_alive(self) -> bool:
-        tokens = _tokens(self.headers, "connection")
-        if self.version == "HTTP/1.0":
-            return "keep-alive" in tokens
-        return "close" not in tokens
-
-    @property
     def upgrade(self) -> str | None:
         """The protocol asked for in an Upgrade request (e.g. "websocket"), or None."""
-        if "upgrade" not in _tokens(self.headers, "connection"):
+        if b"\r\nupgrade:" not in self._low or "upgrade" not in self._tokens(_CONNECTION):
             return None
         value = self.get("upgrade")
         return value.strip().lower() if value else None
@@ -139,27 +236,44 @@ class RequestHead:
     def expects_continue(self) -> bool:
         return (self.get("expect") or "").lower() == "100-continue"
 
-
-@attrs.frozen
-class ResponseHead:
-    version: str
-    status: int
-    reason: str
-    headers: Headers
-
-    def get(self, name: str) -> str | None:
-        values = _get(self.headers, name)
-        return values[-1] if values else None
-
     @property
-    def keep_alive(self) -> bool:
-        tokens = _tokens(self.headers, "connection")
-        if self.version == "HTTP/1.0":
-            return "keep-alive" in tokens
-        return "close" not in tokens
+    def has_forwarding(self) -> bool:
+        """Whether the visitor sent forwarding headers of its own (possibly: a cheap check)."""
+        low = self._low
+        return b"\r\nx-forwarded-" in low or b"\r\nforwarded:" in low or b"\r\nx-real-ip:" in low
+
+
+class ResponseHead(_Head):
+    __slots__ = ("reason", "status")
+
+    def __init__(self, version: str, status: int, reason: str, headers: Headers,
+                 raw: bytes | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        if raw is None:
+            self._init(_render(f"{version} {status} {reason}", headers), version, headers)
+        else:
+            self._init(raw, version, None)
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.raw!r})"
 
 
 def parse_request_head(head: bytes) -> RequestHead:
+    first = head.find(b"\r\n")
+    if first > 0 and _CLEAN_FIELDS_RE.match(head, first + 2):
+        parts = head[:first].split(b" ")
+        if len(parts) == 3:
+            method, target, version = parts
+            if (version == b"HTTP/1.1" or version == b"HTTP/1.0") and target and \
+                    _METHOD_RE.match(method) and not _BAD_TARGET_RE.search(target) and \
+                    method != b"CONNECT":
+                return RequestHead(method.decode("ascii"), target.decode("latin-1"),
+                                   version.decode("ascii"), (), head)
+    return _parse_request_head_slowly(head)
+
+
+def _parse_request_head_slowly(head: bytes) -> RequestHead:
     lines = _split_lines(head)
     while lines and not lines[0]:  # RFC 9112 2.2: ignore empty lines before the request line
         lines.pop(0)
@@ -169,7 +283,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     if len(parts) != 3:
         raise ParseError(400, "malformed request line")
     method, target, version = parts
-    if not _TOKEN_RE.match(method):
+    if not _METHOD_RE.match(method):
         raise ParseError(400, "malformed method")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if version.startswith(b"HTTP/"):
@@ -189,6 +303,17 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
+    first = head.find(b"\r\n")
+    if first > 0 and _CLEAN_FIELDS_RE.match(head, first + 2):
+        parts = head[:first].split(b" ", 2)
+        if len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1].isdigit() and \
+                100 <= int(parts[1]) <= 999:
+            return ResponseHead(parts[0].decode("latin-1"), int(parts[1]),
+                                parts[2].decode("latin-1") if len(parts) > 2 else "", (), head)
+    return _parse_response_head_slowly(head)
+
+
+def _parse_response_head_slowly(head: bytes) -> ResponseHead:
     lines = _split_lines(head)
     if not lines:
         raise ParseError(502, "empty response")
@@ -199,7 +324,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if not 100 <= status <= 999:
         raise ParseError(502, "bad status code from the local service")
     return ResponseHead(
-        version=parts[0].decode("ascii"),
+        version=parts[0].decode("latin-1"),
         status=status,
         reason=parts[2].decode("latin-1") if len(parts) > 2 else "",
         headers=_parse_headers(lines[1:], 502),
@@ -218,16 +343,22 @@ class Framing:
 
 
 NO_BODY = Framing("none")
+CHUNKED = Framing("chunked")
+CLOSE = Framing("close")
 
 
 def _content_length(values: list[str], status: int) -> int | None:
     if not values:
         return None
+    if len(values) == 1:
+        text = values[0]
+        if text.isdigit() and text.isascii() and len(text) <= 18:
+            return int(text)
     parts = {p.strip() for v in values for p in v.split(",")}
     if len(parts) != 1:
         raise ParseError(status, "conflicting Content-Length values")
     (text,) = parts
-    if not text.isdigit() or len(text) > 18:
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
         raise ParseError(status, "malformed Content-Length")
     return int(text)
 
@@ -240,10 +371,25 @@ def _transfer_chunked(codings: list[str], status: int) -> bool:
     return True
 
 
+def _length_framing(length: int) -> Framing:
+    framing = _LENGTHS.get(length)
+    if framing is None:
+        if len(_LENGTHS) >= 256:
+            _LENGTHS.clear()
+        framing = _LENGTHS[length] = Framing("length", length)
+    return framing
+
+
+_LENGTHS: dict[int, Framing] = {}
+
+
 def request_body(request: RequestHead) -> Framing:
     """How the request body is framed (RFC 9112 6.3). Refuses ambiguous framing (smuggling)."""
-    codings = _tokens(request.headers, "transfer-encoding")
-    length = _content_length(request.get_all("content-length"), 400)
+    low = request._low
+    if _TRANSFER_ENCODING not in low and _CONTENT_LENGTH not in low:
+        return NO_BODY
+    codings = request._tokens(_TRANSFER_ENCODING)
+    length = _content_length(request._values(_CONTENT_LENGTH), 400)
     if codings:
         if length is not None:
             raise ParseError(400, "both Transfer-Encoding and Content-Length")
@@ -251,26 +397,38 @@ def request_body(request: RequestHead) -> Framing:
             raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if not _transfer_chunked(codings, 400):  # pragma: no cover - raises instead
             raise ParseError(400, "unsupported Transfer-Encoding")
-        return Framing("chunked")
+        return CHUNKED
     if length:
-        return Framing("length", length)
+        return _length_framing(length)
     return NO_BODY
 
 
 def response_body(response: ResponseHead, request_method: str) -> Framing:
     """How the response body is framed, given the method of the request it answers."""
-    if request_method == "HEAD" or response.status < 200 or response.status in (204, 304):
+    status = response.status
+    if request_method == "HEAD" or status < 200 or status == 204 or status == 304:
         return NO_BODY
-    codings = _tokens(response.headers, "transfer-encoding")
-    if codings:
-        if codings[-1] == "chunked":
-            return Framing("chunked")
-        return Framing("close")
-    length = _content_length([v for k, v in response.headers if k.lower() == "content-length"],
-                             502)
+    low = response._low
+    if _TRANSFER_ENCODING in low:
+        codings = response._tokens(_TRANSFER_ENCODING)
+        if codings:
+            if codings[-1] == "chunked":
+                return CHUNKED
+            return CLOSE
+    at = low.find(_CONTENT_LENGTH)
+    if at < 0:
+        return CLOSE
+    start = at + len(_CONTENT_LENGTH)
+    end = low.find(b"\r\n", start)
+    if low.find(_CONTENT_LENGTH, end) < 0:  # the usual: one plain number
+        text = low[start:end].strip(b" \t")
+        if text.isdigit() and len(text) <= 18:
+            size = int(text)
+            return _length_framing(size) if size else NO_BODY
+    length = _content_length(response._values(_CONTENT_LENGTH), 502)
     if length is not None:
-        return Framing("length", length) if length else NO_BODY
-    return Framing("close")
+        return _length_framing(length) if length else NO_BODY
+    return CLOSE
 
 
 class BodyTracker:
@@ -385,15 +543,26 @@ def forwarded_headers(client_ip: str, proto: str, host: str) -> list[tuple[str, 
     ]
 
 
-def render_request_head(request: RequestHead, extra: list[tuple[str, str]]) -> bytes:
-    """The head to send upstream: forwarding headers from the visitor dropped, ours added."""
+def render_fields(fields: list[tuple[str, str]]) -> bytes:
+    """`fields` as header lines, each ending in CRLF."""
+    return "".join(f"{name}: {value}\r\n" for name, value in fields).encode("latin-1")
+
+
+def render_request_head(request: RequestHead, extra: list[tuple[str, str]] | bytes) -> bytes:
+    """The head to send upstream: forwarding headers from the visitor dropped, ours added.
+
+    `extra` is a list of fields or the same already rendered by `render_fields`. A clean head
+    with no forwarding headers of its own goes out as received, with ours before the blank line.
+    """
+    added = extra if isinstance(extra, bytes) else render_fields(extra)
+    if not request.has_forwarding:
+        return request.raw[:-2] + added + b"\r\n"
     lines = [f"{request.method} {request.target} {request.version}"]
     for name, value in request.headers:
         if name.lower() in FORWARDING_HEADERS:
             continue
         lines.append(f"{name}: {value}")
-    lines.extend(f"{name}: {value}" for name, value in extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1") + added + b"\r\n"
 
 
 REASONS = {

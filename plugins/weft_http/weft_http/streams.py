@@ -1,4 +1,7 @@
-"""Thin asyncio shells around the sans-IO parser: a buffered connection and the one copy loop."""
+"""A buffered stream connection and a two-way byte pipe (the tunnel-side TLS forwarder's relay).
+
+The virtual hosts' per-request path does not use these: it runs in protocol callbacks (vhost.py).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from .h1 import BodyTracker, ParseError, find_head_end
-
 CHUNK = 256 * 1024
-
-
-class HeadTimeout(Exception):
-    """No complete head in time; `partial` says whether some bytes of it had arrived."""
-
-    def __init__(self, partial: bool) -> None:
-        super().__init__("timeout reading a message head")
-        self.partial = partial
 
 
 class Conn:
@@ -28,35 +21,6 @@ class Conn:
         self.reader = reader
         self.writer = writer
         self.buf = bytearray()
-
-    async def read_head(self, limit: int, idle: float, head_timeout: float) -> bytes | None:
-        """The next message head, or None on a clean EOF between messages.
-
-        Waits `idle` seconds for the first byte, then `head_timeout` from that byte for the rest.
-        Raises HeadTimeout, or ParseError (431 too large, 400 cut short).
-        """
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        while True:
-            end = find_head_end(self.buf, limit)
-            if end is not None:
-                head = bytes(self.buf[:end])
-                del self.buf[:end]
-                return head
-            started = bool(self.buf.strip(b"\r\n"))
-            if started and deadline is None:
-                deadline = loop.time() + head_timeout
-            timeout = (deadline - loop.time()) if deadline is not None else idle
-            try:
-                async with asyncio.timeout(max(timeout, 0.0)):
-                    data = await self.reader.read(CHUNK)
-            except TimeoutError:
-                raise HeadTimeout(started) from None
-            if not data:
-                if started:
-                    raise ParseError(400, "connection closed in the middle of a head")
-                return None
-            self.buf += data
 
     async def read_some(self, idle: float) -> bytes:
         """Buffered bytes first, else up to CHUNK new bytes (b"" at EOF)."""
@@ -79,36 +43,9 @@ class Conn:
                 await self.writer.wait_closed()
 
 
-class BodyCutShort(Exception):
-    """The sender closed before the body ended."""
-
-
-async def copy_body(
-    src: Conn, dst: asyncio.StreamWriter, tracker: BodyTracker, count: Callable[[int], None],
-    idle: float,
-) -> None:
-    """Move one body from `src` to `dst` as it arrives; bytes past its end stay in `src.buf`.
-
-    This and `pipe` are the one copy loop: chunk in, chunk out, backpressure by drain().
-    """
-    while not tracker.done:
-        data = await src.read_some(idle)
-        if not data:
-            if tracker.framing.kind == "close":
-                return
-            raise BodyCutShort()
-        used = tracker.feed(data)
-        if used < len(data):
-            src.buf[:0] = data[used:]
-        if used:
-            dst.write(data if used == len(data) else data[:used])
-            count(used)
-            await dst.drain()
-
-
 async def pipe(src: Conn, dst: asyncio.StreamWriter, count: Callable[[int], None],
                idle: float) -> None:
-    """Copy everything from `src` to `dst` until EOF, then half-close `dst` (upgrades, TLS)."""
+    """Copy everything from `src` to `dst` until EOF, then half-close `dst`."""
     try:
         while True:
             data = await src.read_some(idle)
