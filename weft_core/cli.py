@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -369,6 +370,8 @@ def tunnel_settings(
     if not routes:
         raise UsageError("give at least one LOCAL REMOTE pair, like tcp://127.0.0.1:5432 tcp://:0")
     name = args.name or f"{socket.gethostname()[:24]}-{os.getpid()}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (64 at most)")
     return TunnelSettings(
         server=server,
         routes=routes,

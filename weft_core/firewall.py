@@ -9,6 +9,7 @@ final in nftables, so this works next to the host's own firewall.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         text=True,
         timeout=NFT_TIMEOUT,
         check=False,
+        env={k: v for k, v in os.environ.items() if k != "WEFT_SECRET"},
     )
 
 
@@ -123,11 +125,13 @@ class ServerIsolation(_Isolation):
 class TunnelIsolation(_Isolation):
     """On the tunnel host: the server reaches only this tunnel's forwarder ports."""
 
-    def __init__(self, ifname: str, server_address: str) -> None:
+    def __init__(self, ifname: str, server_address: str, local_address: str | None = None) -> None:
         super().__init__(ifname)
         addr = ip_address(server_address.split("/")[0])
         self._family = "ip6" if isinstance(addr, IPv6Address) else "ip"
         self.server_address = str(addr)
+        # Only the tunnel's own WireGuard address: not the same port on the host's other ones.
+        self.local_address = str(ip_address(local_address.split("/")[0])) if local_address else None
         self._tcp: frozenset[int] = frozenset()
         self._udp: frozenset[int] = frozenset()
 
@@ -136,9 +140,10 @@ class TunnelIsolation(_Isolation):
         for proto, ports in (("tcp", self._tcp), ("udp", self._udp)):
             if ports:  # an empty set is a syntax error in nft
                 port_set = ", ".join(str(p) for p in sorted(ports))
+                daddr = f"{self._family} daddr {self.local_address} " if self.local_address else ""
                 rules.append(
                     f'iifname "{self.ifname}" {self._family} saddr {self.server_address} '
-                    f"{proto} dport {{ {port_set} }} accept"
+                    f"{daddr}{proto} dport {{ {port_set} }} accept"
                 )
         return rules
 

@@ -49,7 +49,7 @@ class RouteContext:
         self.forwarder_port = forwarder_port
         self.options = server.options
         self.state_dir = server.state.path
-        self.log = logging.getLogger(f"weft.server.{tunnel.name}")
+        self.log = log  # one logger; the tunnel's name is in each message
 
     def public_host(self, remote: RouteUrl) -> str:
         host = remote.host or self.bind_address
@@ -352,7 +352,9 @@ class Server:
             deadline = time.time() - self.settings.health_timeout
             for record in self.registry.silent_since(deadline):
                 async with self.lock:
-                    if self.registry.get(record.id) is record:
+                    # Checked again under the lock: it may have checked in while we waited.
+                    current = self.registry.get(record.id)
+                    if current is record and record.last_seen < deadline and not record.pending:
                         await self.remove_tunnel(
                             record.id, f"no health check for {self.settings.health_timeout:.0f}s"
                         )
@@ -388,12 +390,13 @@ class Server:
         """Remove firewall rules and the interface; safe to call twice and after a failed start."""
         telemetry.stop(self.telemetry)
         self.telemetry = None
-        if self.isolation is not None:
-            self.isolation.close()
-            self.isolation = None
+        # The interface goes first: no moment with live peers and no filter.
         if self.interface is not None:
             self.interface.close()
             self.interface = None
+        if self.isolation is not None:
+            self.isolation.close()
+            self.isolation = None
 
 
 def format_ranges(ranges: tuple[tuple[int, int], ...]) -> str:

@@ -154,6 +154,10 @@ class Tunnel:
         server = self.settings.server
         self.address = address = str(ipaddress.IPv4Address(answer["address"]))
         server_address = str(ipaddress.IPv4Address(answer["server_address"]))
+        if self.settings.isolation:
+            # Closed first (no port open), before the interface is up: no window for the server.
+            self.isolation = TunnelIsolation(iface.name, server_address, address)
+            self.isolation.apply(tcp_ports=set(), udp_ports=set())
         await asyncio.to_thread(iface.assign_address, f"{address}/32")
         endpoint_host = await _resolve(server.host)
         iface.set_peer(
@@ -165,7 +169,8 @@ class Tunnel:
             )
         )
         # Per-tunnel table and source rule: two tunnels on one host both reach "their" server .1.
-        table = 0x57460000 | (int(ipaddress.IPv4Address(address)) & 0xFFFF)
+        # The interface index is unique on this host, even for tunnels to different servers.
+        table = 0x57460000 | (iface.index & 0xFFFF)
         iface.add_route(f"{server_address}/32", table=table)
         iface.add_source_rule(address, table=table, priority=RULE_PRIORITY)
         await self._wait_for_handshake(iface, endpoint_host, int(answer["wireguard_port"]))
@@ -177,8 +182,7 @@ class Tunnel:
             active.forwarder, active.forwarder_port = await active.protocol.open_tunnel_forwarder(
                 active.route, ctx
             )
-        if self.settings.isolation:
-            self.isolation = TunnelIsolation(iface.name, server_address)
+        if self.isolation is not None:
             self.isolation.apply(
                 tcp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "tcp"},
                 udp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "udp"},
@@ -246,12 +250,13 @@ class Tunnel:
                     await active.forwarder.close()
                 active.forwarder = None
             active.route_id = None
-        if self.isolation is not None:
-            self.isolation.close()
-            self.isolation = None
+        # The interface goes first: no moment with a live peer and no filter.
         if self.interface is not None:
             self.interface.close()
             self.interface = None
+        if self.isolation is not None:
+            self.isolation.close()
+            self.isolation = None
 
     async def _goodbye(self) -> None:
         if self.client.token is None:
@@ -296,7 +301,9 @@ class Tunnel:
                 self.plugins.call_each("weft_tunnel_connected", tunnel=self)
                 await self._health_loop()
             except (LoginRefused, RouteRefused) as exc:
-                if not connected_once or isinstance(exc, LoginRefused):
+                # Refused at the start: the command is wrong, say so. Refused later (a secret
+                # rotated, a rate limit, a port taken meanwhile): keep trying, saying why.
+                if not connected_once:
                     await self._teardown()
                     raise
                 reason = exc.message
@@ -314,6 +321,17 @@ class Tunnel:
                         f"the server refused: {exc.message}", ExitCode.ROUTE_REFUSED
                     ) from None
                 reason = exc.message
+            except WeftError as exc:
+                if not connected_once:
+                    await self._teardown()
+                    raise
+                reason = exc.message
+            except Exception as exc:  # anything else, once connected: retry rather than die
+                if not connected_once:
+                    await self._teardown()
+                    raise
+                log.exception("tunnel %s: unexpected failure", self.name)
+                reason = f"unexpected failure ({type(exc).__name__}: {exc})"
             if self._stop.is_set():
                 break
             await self._teardown()

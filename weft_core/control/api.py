@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import ipaddress
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,10 @@ READ_TIMEOUT = 10.0  # for a connection's first request
 KEEPALIVE_IDLE = 60.0  # a kept connection may wait this long for its next request
 MAX_REQUESTS_PER_CONNECTION = 10_000
 MAX_CONNECTIONS = 4096  # open control connections at once; more are closed at once
+MAX_CONNECTIONS_PER_SOURCE = 512  # tunnels behind one NAT share an address: be generous
 TIMEOUT = ApiError(408, "timeout", "the request took too long")
 MAX_NAME = 64
+TUNNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _str(body: dict[str, Any], key: str, *, limit: int = 4096, required: bool = True) -> str:
@@ -68,18 +71,25 @@ class ControlApi:
         self.challenges: dict[str, auth.ChallengeStore] = {}
         self.limiter = auth.RateLimiter()
         self.connections = 0
+        self.per_source: dict[str, int] = {}
+        # Challenges are unauthenticated state too: a generous rate per source keeps one caller
+        # from churning the bounded store (tunnels behind one NAT share a source address).
+        self.challenge_limiter = auth.RateLimiter(burst=600, window=60.0)
 
     # --- connection handling -----------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one connection: requests one after another while the client keeps it alive."""
-        if self.connections >= MAX_CONNECTIONS:  # bounded state, also for unauthenticated callers
-            writer.close()
-            return
-        self.connections += 1
         peer = writer.get_extra_info("peername") or ("?", 0)
         sockname = writer.get_extra_info("sockname") or ("?", 0)
         source, local = str(peer[0]), str(sockname[0])
+        # Bounded state, also for unauthenticated callers: in all, and per source address.
+        held = self.per_source.get(source, 0)
+        if self.connections >= MAX_CONNECTIONS or held >= MAX_CONNECTIONS_PER_SOURCE:
+            writer.close()
+            return
+        self.connections += 1
+        self.per_source[source] = held + 1
         try:
             for served in range(MAX_REQUESTS_PER_CONNECTION):
                 keep_alive = served + 1 < MAX_REQUESTS_PER_CONNECTION
@@ -107,6 +117,9 @@ class ControlApi:
             pass
         finally:
             self.connections -= 1
+            left = self.per_source.pop(source) - 1
+            if left:
+                self.per_source[source] = left
             writer.close()
             try:
                 async with asyncio.timeout(2):
@@ -194,6 +207,11 @@ class ControlApi:
 
     async def get_login(self, request: Message, source: str, local: str) -> tuple[int, Any]:
         self._check_rate(source)
+        now = time.monotonic()
+        wait = self.challenge_limiter.blocked(source, now)
+        if wait > 0:
+            raise ApiError(429, "too_many_challenges", f"too many logins; retry in {wait:.0f}s")
+        self.challenge_limiter.failed(source, now)  # counts issued challenges
         challenge_id, sealed = self._store(local).issue(time.monotonic())
         record_event("challenge", bind_address=local)
         return 200, {"challenge_id": challenge_id, "challenge": sealed}
@@ -237,6 +255,8 @@ class ControlApi:
         except (ValueError, binascii.Error):
             raise ApiError(400, "bad_key", "public_key must be a base64 WireGuard key") from None
         name = _str(body, "name", limit=MAX_NAME, required=False) or claims.tunnel[:12]
+        if not TUNNEL_NAME.fullmatch(name):  # names go into logs and lists: nothing to forge lines
+            raise ApiError(400, "bad_name", "a tunnel name is letters, digits, '.', '_' and '-'")
         preferred_text = _str(body, "address", limit=64, required=False)
         server = self.server
         async with server.lock:

@@ -59,7 +59,7 @@ class ControlClient:
         self._conn: _Connection | None = None
 
     async def _connect(self) -> _Connection:
-        """A new TLS connection, refused if its certificate is not the one the login proved."""
+        """A new TLS connection (its certificate is checked by `_exchange`)."""
         reader, writer = await asyncio.open_connection(
             self.server.host, self.server.port, ssl=self._tls, server_hostname=None
         )
@@ -68,12 +68,7 @@ class ControlClient:
         if not der:
             writer.close()
             raise ServerUnreachable("the server presented no TLS certificate")
-        seen = auth.fingerprint(der)
-        if self.pinned is not None and not hmac.compare_digest(seen, self.pinned):
-            writer.close()
-            # Never send the token to a certificate the login did not prove.
-            raise ApiError(495, "certificate_changed", "the server's TLS certificate changed")
-        return _Connection(reader, writer, seen)
+        return _Connection(reader, writer, auth.fingerprint(der))
 
     def close(self) -> None:
         """Close the kept-alive connection (if any)."""
@@ -88,6 +83,8 @@ class ControlClient:
         payload: Any,
         token: str | None,
         timeout: float | None = None,
+        *,
+        pinned: bool = True,
     ) -> tuple[int, Any, bytes]:
         """One request: (status, JSON body, certificate fingerprint).
 
@@ -95,6 +92,9 @@ class ControlClient:
         handshake); a kept connection the server has closed meanwhile is replaced once.
         """
         timeout = self.timeout if timeout is None else timeout
+        if pinned and self.pinned is None:
+            # Nothing goes out (a token least of all) before a login proved the certificate.
+            raise ApiError(495, "not_logged_in", "no certificate proved by a login yet")
         request = render_request(method, path, self.server.address, payload, token)
         try:
             async with asyncio.timeout(timeout):
@@ -102,6 +102,12 @@ class ControlClient:
                     reused = self._conn is not None
                     conn = self._conn or await self._connect()
                     self._conn = None
+                    if pinned and not hmac.compare_digest(conn.fingerprint, self.pinned or b""):
+                        conn.writer.close()
+                        # Never send the token to a certificate the login did not prove.
+                        raise ApiError(
+                            495, "certificate_changed", "the server's TLS certificate changed"
+                        )
                     try:
                         conn.writer.write(request)
                         await conn.writer.drain()
@@ -141,14 +147,21 @@ class ControlClient:
         return status, body, conn.fingerprint
 
     async def login(self) -> None:
-        """Prove the secret both ways and get a token; pins the server's certificate."""
+        """Prove the secret both ways and get a token; pins the server's certificate.
+
+        Until the challenge proves the certificate, there is no pin and no token: nothing of
+        value can go to whoever answered.
+        """
+        self.token = None
         self.pinned = None
-        status, body, seen = await self._exchange("GET", "/login", None, None)
+        self.close()
+        status, body, seen = await self._exchange("GET", "/login", None, None, pinned=False)
         if status != 200:
             self._raise(status, body, login=True)
         try:
             answer = auth.answer_challenge(self._key, str(body.get("challenge", "")), seen)
         except auth.AuthError as exc:
+            self.close()
             raise LoginRefused(str(exc)) from None
         self.pinned = seen  # the answer goes only to the certificate that proved itself
         status, body, _ = await self._exchange(

@@ -175,6 +175,11 @@ class WireGuardInterface:
             raise
         return self
 
+    @property
+    def index(self) -> int:
+        """The link's index (unique in its network namespace)."""
+        return self._require_index()
+
     def assign_address(self, address: str) -> None:
         """Give a device made without an address its ADDRESS, and bring it up."""
         ip_interface(address)

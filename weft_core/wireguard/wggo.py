@@ -72,7 +72,9 @@ class WireGuardGoDevice:
             )
         if socket_in_use(self.name):
             raise WeftError(f"a WireGuard interface named {self.name} already runs on this host")
-        env = dict(os.environ, LOG_LEVEL="error")
+        # Children get nothing secret: $WEFT_SECRET stays with weft.
+        env = {k: v for k, v in os.environ.items() if k != "WEFT_SECRET"}
+        env["LOG_LEVEL"] = "error"
         with open(self._log_path, "wb") as log:
             # Started from the long-lived worker thread: PDEATHSIG follows the forking thread.
             self._proc = worker.run(
