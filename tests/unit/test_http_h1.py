@@ -162,3 +162,26 @@ def test_smuggling_shapes_take_the_careful_path() -> None:
     with pytest.raises(h1.ParseError):
         h1.response_body(h1.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n"
                                                 b"\r\n"), "GET")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST / HTTP/1.1\r\nHost: a\r\nX: y\rContent-Length: 5\r\n\r\n",  # bare CR in a value
+        b"POST / HTTP/1.1\r\nHost: a\r\nX: y\x00z\r\n\r\n",  # NUL in a value
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n",
+    ],
+)
+def test_smuggling_shaped_heads_are_refused_with_400(raw: bytes) -> None:
+    with pytest.raises(h1.ParseError) as caught:
+        h1.request_body(h1.parse_request_head(raw))
+    assert caught.value.status == 400
+
+
+def test_underscore_forwarding_headers_from_the_visitor_are_dropped() -> None:
+    request = h1.parse_request_head(
+        b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n\r\n"
+    )
+    out = h1.render_request_head(request, [("X-Forwarded-For", "198.51.100.20")])
+    assert b"6.6.6.6" not in out and b"X-Forwarded-For: 198.51.100.20" in out

@@ -64,7 +64,7 @@ Headers = tuple[tuple[str, str], ...]
 # A head whose every header line is `token:value` with CRLF line ends (the usual case) is checked
 # with one match and kept as it came; anything else takes the line-by-line path below, which says
 # exactly what is wrong, and is kept re-rendered in that canonical form.
-_CLEAN_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r\n]*+\r\n)*+\r\n\Z")
+_CLEAN_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r\n\x00]*+\r\n)*+\r\n\Z")
 _METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HOSTS: dict[str, str | None] = {}  # Host header -> normalize_host(it), a small cache
@@ -83,7 +83,10 @@ def _parse_headers(lines: list[bytes], status: int) -> Headers:
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN_RE.match(name):
             raise ParseError(status, f"malformed header line {line[:40]!r}")
-        headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+        value = value.strip(b" \t")
+        if b"\r" in value or b"\x00" in value:  # RFC 9112 2.2: never pass a bare CR or NUL on
+            raise ParseError(status, f"control character in header {name[:40]!r}")
+        headers.append((name.decode("ascii"), value.decode("latin-1")))
     return tuple(headers)
 
 
@@ -240,7 +243,11 @@ class RequestHead(_Head):
     def has_forwarding(self) -> bool:
         """Whether the visitor sent forwarding headers of its own (possibly: a cheap check)."""
         low = self._low
-        return b"\r\nx-forwarded-" in low or b"\r\nforwarded:" in low or b"\r\nx-real-ip:" in low
+        # Also the underscore spellings, which CGI/WSGI servers read as the same header.
+        return (
+            b"\r\nx-forwarded-" in low or b"\r\nx_forwarded_" in low or b"\r\nforwarded:" in low
+            or b"\r\nx-real-ip:" in low or b"\r\nx_real_ip:" in low
+        )
 
 
 class ResponseHead(_Head):
@@ -390,9 +397,12 @@ def request_body(request: RequestHead) -> Framing:
         return NO_BODY
     codings = request._tokens(_TRANSFER_ENCODING)
     length = _content_length(request._values(_CONTENT_LENGTH), 400)
-    if codings:
-        if length is not None:
+    if _TRANSFER_ENCODING in low:
+        if length is not None:  # any Transfer-Encoding, even an empty one: ambiguous framing
             raise ParseError(400, "both Transfer-Encoding and Content-Length")
+        if not codings:
+            raise ParseError(400, "empty Transfer-Encoding")
+    if codings:
         if request.version == "HTTP/1.0":
             raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if not _transfer_chunked(codings, 400):  # pragma: no cover - raises instead
@@ -559,7 +569,7 @@ def render_request_head(request: RequestHead, extra: list[tuple[str, str]] | byt
         return request.raw[:-2] + added + b"\r\n"
     lines = [f"{request.method} {request.target} {request.version}"]
     for name, value in request.headers:
-        if name.lower() in FORWARDING_HEADERS:
+        if name.lower().replace("_", "-") in FORWARDING_HEADERS:
             continue
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n").encode("latin-1") + added + b"\r\n"
