@@ -241,3 +241,35 @@ def test_an_icmp_error_met_on_send_counts_one_drop_and_still_sends() -> None:
         await fwd.close()
 
     run(main())
+
+
+def test_sessions_over_all_routes_are_bounded() -> None:
+    async def main() -> None:
+        import weft_udp.forwarder as module
+
+        saved = module.max_total_sessions
+        module.max_total_sessions = 3
+        transport, _ = await start_echo()
+        target = transport.get_extra_info("sockname")
+        first, second = forwarder(target), forwarder(target)  # two routes, one process budget
+        try:
+            await first.start()
+            await second.start()
+            peers = [client() for _ in range(5)]
+            answers = [
+                await exchange(peer, (first if i < 2 else second).address, b"hi%d" % i, 0.5)
+                for i, peer in enumerate(peers)
+            ]
+            assert answers[:3] == [b"hi0", b"hi1", b"hi2"] and answers[3:] == [None, None]
+            assert first.counters.open + second.counters.open == 3
+            assert second.counters.failed == 2  # refused for the budget, counted
+            await first.close()  # closing frees the budget for others
+            assert await exchange(peers[4], second.address, b"again", 0.5) == b"again"
+            for peer in peers:
+                peer.close()
+        finally:
+            await second.close()
+            transport.close()
+            module.max_total_sessions = saved
+
+    run(main())

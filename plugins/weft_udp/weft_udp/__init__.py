@@ -27,6 +27,7 @@ from weft_core import (
     validate_port_route,
 )
 
+from . import forwarder as forwarder_module
 from .forwarder import UdpForwarder
 from .sessions import SessionTable
 
@@ -34,6 +35,7 @@ __all__ = ["SessionTable", "UdpForwarder", "UdpProtocol"]
 
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_SESSIONS = 10_000
+DEFAULT_MAX_TOTAL = 100_000
 
 
 def _positive_float(text: str) -> float:
@@ -69,6 +71,11 @@ def _add_options(parser: argparse.ArgumentParser, side: str) -> None:
         "--udp-max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
         help=f"UDP sessions per route at most; the least recently used makes room "
         f"(default {DEFAULT_MAX_SESSIONS})",
+    )
+    group.add_argument(
+        "--udp-max-total-sessions", type=_positive_int, default=DEFAULT_MAX_TOTAL, metavar="N",
+        help=f"UDP sessions over all routes at most; beyond it new visitors are dropped "
+        f"(default {DEFAULT_MAX_TOTAL})",
     )
 
 
@@ -116,6 +123,9 @@ class UdpProtocol:
                 "a session quiet for longer reaches the local service from a new port",
                 ctx.tunnel_name, tunnel_idle, idle,
             )
+        forwarder_module.max_total_sessions = int(
+            _option(ctx.options, "udp_max_total_sessions", DEFAULT_MAX_TOTAL)
+        )
         forwarder = UdpForwarder(
             f"{ctx.tunnel_name} {route.remote.scheme}",
             listen,
@@ -139,6 +149,9 @@ class UdpProtocol:
         assert route.local.port is not None
         target = await _resolve(route.local.host or "127.0.0.1", route.local.port)
         listen = ctx.wireguard_net.bind_udp(ctx.address, ctx.listen_port)
+        forwarder_module.max_total_sessions = int(
+            _option(ctx.options, "udp_max_total_sessions", DEFAULT_MAX_TOTAL)
+        )
         forwarder = UdpForwarder(
             f"{ctx.tunnel_name} {route.local}",
             listen,

@@ -49,6 +49,11 @@ LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (burst
 SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending ICMP errors
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
 
+# Sessions open in this process over every route, and the most there may be (set from
+# --udp-max-total-sessions): per-route caps alone would let many routes add up without bound.
+_open_sessions = 0
+max_total_sessions = 100_000
+
 _buffer = bytearray(MAX_DATAGRAM)  # shared: reader callbacks run one at a time on the loop thread
 _view = memoryview(_buffer)
 
@@ -233,6 +238,12 @@ class UdpForwarder:
             return False
 
     def _open(self, key: Address, now: float) -> _Session | None:
+        global _open_sessions
+        if _open_sessions >= max_total_sessions:
+            # A flood of (spoofable) source addresses over many routes is bounded here too.
+            self.counters.failed += 1
+            self._warn(f"{max_total_sessions} UDP sessions open in this process: dropping new ones")
+            return None
         try:
             sock = self._dial_net.udp_socket(self.target[0])
         except OSError as exc:  # EMFILE and the like: this visitor waits for a free slot
@@ -252,6 +263,7 @@ class UdpForwarder:
             self._close_session(old, "evicted" if old_key != key else "replaced")
         self.counters.connections += 1
         self.counters.open += 1
+        _open_sessions += 1
         assert self._loop is not None
         session.task = self._loop.create_task(self._pump_replies(session))
         return session
@@ -304,6 +316,8 @@ class UdpForwarder:
             return
         session.closed = True
         self.counters.open -= 1
+        global _open_sessions
+        _open_sessions -= 1
         if session.stream is not None:
             self._collect_errors(session.stream)
             session.stream.close()  # the transport closes the socket
