@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from bench_tcp import WgNode  # noqa: E402  (the bare WireGuard baseline, shared)
+
 from netns import Host, Lab, wait_tcp_port  # noqa: E402
 from weft_core.wireguard import generate_private_key, public_key  # noqa: E402
 from weftlab import SERVER_IP, start_server, start_tunnel  # noqa: E402
 
-WG_NODE = REPO / "tests" / "e2e" / "wg_node.py"
 BARE_SERVER, BARE_TUNNEL = "10.9.0.1", "10.9.0.2"
 BARE_WG_PORT = 9193
 IPERF_PORT = 5201
@@ -43,35 +43,6 @@ PUBLIC_PORT = 15201
 # Offered rates (iperf3 -b); 0 means as fast as the sender can go.
 THROUGHPUT_RATES = ("100M", "200M", "300M", "450M")
 PPS_RATES = ("5M", "10M", "15M")
-
-
-class WgNode:
-    """tests/e2e/wg_node.py running in a namespace, driven by JSON lines."""
-
-    def __init__(self, host: Host) -> None:
-        self.proc = subprocess.Popen(
-            host.exec_args([sys.executable, str(WG_NODE)]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-
-    def __call__(self, op: str, **kwargs: Any) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
-        self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline())
-        if not answer["ok"]:
-            raise RuntimeError(answer["error"])
-        return answer["result"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def bare_wireguard(lab: Lab) -> tuple[WgNode, WgNode]:
