@@ -129,7 +129,12 @@ class Tunnel:
             answer = await self._login_and_connect()
         finally:
             # Whatever happened, the device is ours to keep (and to tear down) once it exists.
-            self.interface = await device
+            try:
+                self.interface = await asyncio.shield(device)
+            except asyncio.CancelledError:
+                # Stopped while wireguard-go starts: close the device whenever it arrives.
+                device.add_done_callback(_close_when_made)
+                raise
         await self._bring_up(self.interface, answer)
 
     async def _login_and_connect(self) -> dict[str, Any]:
@@ -351,6 +356,11 @@ class Tunnel:
         await self._teardown()
         say(f"weft tunnel {self.name}: stopped")
         return ExitCode.OK
+
+
+def _close_when_made(device: asyncio.Future[WireGuardInterface]) -> None:
+    if not device.cancelled() and device.exception() is None:
+        device.result().close()
 
 
 async def _resolve(host: str) -> str:

@@ -7,6 +7,7 @@ can reach it through Weft and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import tempfile
@@ -191,3 +192,35 @@ def test_unreachable_server_exits_4_or_keeps_trying_until_it_appears(lab: Lab) -
     start_server(lab, state_dir=state / "state")
     wait_ready(patient, 1, timeout=60)
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 10_000)["intact"] is True
+
+
+def test_sigterm_while_still_connecting_leaves_nothing_behind(lab: Lab) -> None:
+    waiting = lab.tunnel.popen(
+        [
+            WEFT,
+            "tunnel",
+            "--keep-trying",
+            f"weft://{'s' * 43}@{SERVER_IP}",
+            "tcp://127.0.0.1:5432",
+            PUBLIC,
+        ],
+        name="waiting",
+    )
+    waiting.wait_for_line(r"reconnecting in", timeout=20)
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=10) == 0
+    assert "weftt" not in lab.tunnel.check(["ip", "-o", "link"])
+    assert "weft_" not in lab.tunnel.check(["nft", "list", "tables"])
+
+    def wireguard_go_here() -> bool:  # processes in the tunnel host's network namespace only
+        names = []
+        for pid in lab.tunnel.pids():
+            with contextlib.suppress(OSError):
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+        return "wireguard-go" in names
+
+    wait_until(
+        lambda: not wireguard_go_here(),
+        timeout=5,
+        message="a wireguard-go process outlived its tunnel",
+    )
