@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from netns import Lab, wait_until
-from weftlab import SERVER_IP, WEFT, start_server, start_tunnel
+from weftlab import (
+    SERVER_IP,
+    WEFT,
+    peer,
+    ready_urls,
+    service,
+    start_server,
+    start_tunnel,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -240,3 +249,25 @@ def test_http_name_released_with_its_tunnel(lab: Lab) -> None:
     start_tunnel(lab, server.url(), "http://127.0.0.1:8082", "http://a.example.test",
                  name="second")
     assert json.loads(curl(lab, "http://a.example.test/headers")[1])["app"] == "b"
+
+
+def test_a_tunnel_cut_off_reclaims_its_name_and_port_from_its_own_ghost(lab: Lab) -> None:
+    # A long health timeout keeps the old registration (the ghost) alive through the outage.
+    server = start_server(lab, "--health-timeout", "120")
+    start_app(lab, "a", 8001)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(lab, server.url(), "http://127.0.0.1:8001", "http://a.example.test",
+                          "tcp://127.0.0.1:5432", "tcp://:15432")
+    urls = ready_urls(tunnel)
+    assert curl(lab, "http://a.example.test/headers")[0] == 0
+
+    mark = tunnel.mark()
+    lab.tunnel.link_down()
+    tunnel.wait_for_line(r"reconnecting in", timeout=40, after=mark)
+    lab.tunnel.link_up()
+    # Same name, same port: the ghost never blocks its own tunnel.
+    assert sorted(wait_ready(tunnel, 2, timeout=60, after=mark)) == sorted(urls)
+    server.proc.wait_for_line(r"removed \(replaced by a new connection\)", timeout=5)
+    code, out = curl(lab, "http://a.example.test/headers")
+    assert code == 0 and "a.example.test" in out.lower(), out
+    assert peer(lab.visitor, "stream", SERVER_IP, 15432, 20_000)["intact"] is True
