@@ -15,9 +15,12 @@ import argparse
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from weft_core import (
+    ConnectionSummary,
+    NetContext,
     Published,
     Route,
     ServerContext,
@@ -98,6 +101,39 @@ async def _resolve(host: str, port: int) -> tuple[str, int]:
     return str(infos[0][4][0]), port
 
 
+async def _start_forwarder(
+    options: argparse.Namespace,
+    name: str,
+    listen: socket.socket,
+    net: NetContext,
+    target: tuple[str, int],
+    *,
+    idle_timeout: float,
+    on_close: Callable[[ConnectionSummary], None],
+    allowed_source: str | None = None,
+) -> UdpForwarder:
+    """A started forwarder with this side's session limits (both sides open theirs the same way)."""
+    forwarder_module.max_total_sessions = int(
+        _option(options, "udp_max_total_sessions", DEFAULT_MAX_TOTAL)
+    )
+    forwarder = UdpForwarder(
+        name,
+        listen,
+        net,
+        target,
+        idle_timeout=idle_timeout,
+        max_sessions=int(_option(options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
+        allowed_source=allowed_source,
+        on_close=on_close,
+    )
+    try:
+        await forwarder.start()
+    except BaseException:
+        await forwarder.close()
+        raise
+    return forwarder
+
+
 class UdpProtocol:
     scheme = "udp"
     transport = "udp"
@@ -123,23 +159,15 @@ class UdpProtocol:
                 "a session quiet for longer reaches the local service from a new port",
                 ctx.tunnel_name, tunnel_idle, idle,
             )
-        forwarder_module.max_total_sessions = int(
-            _option(ctx.options, "udp_max_total_sessions", DEFAULT_MAX_TOTAL)
-        )
-        forwarder = UdpForwarder(
+        forwarder = await _start_forwarder(
+            ctx.options,
             f"{ctx.tunnel_name} {route.remote.scheme}",
             listen,
             ctx.wireguard_net,
             (ctx.tunnel_address, ctx.forwarder_port),
             idle_timeout=idle,
-            max_sessions=int(_option(ctx.options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
             on_close=ctx.connection_closed,
         )
-        try:
-            await forwarder.start()
-        except BaseException:
-            await forwarder.close()
-            raise
         bound = route.remote.with_host(host).with_port(forwarder.address[1])
         return Published(endpoint=forwarder, public_url=str(bound), remote=bound)
 
@@ -149,24 +177,16 @@ class UdpProtocol:
         assert route.local.port is not None
         target = await _resolve(route.local.host or "127.0.0.1", route.local.port)
         listen = ctx.wireguard_net.bind_udp(ctx.address, ctx.listen_port)
-        forwarder_module.max_total_sessions = int(
-            _option(ctx.options, "udp_max_total_sessions", DEFAULT_MAX_TOTAL)
-        )
-        forwarder = UdpForwarder(
+        forwarder = await _start_forwarder(
+            ctx.options,
             f"{ctx.tunnel_name} {route.local}",
             listen,
             ctx.local_net,
             target,
             idle_timeout=float(_option(ctx.options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT)),
-            max_sessions=int(_option(ctx.options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
             allowed_source=ctx.server_address or None,  # "" in `weft proxy`: anyone
             on_close=ctx.connection_closed,
         )
-        try:
-            await forwarder.start()
-        except BaseException:
-            await forwarder.close()
-            raise
         return forwarder, forwarder.address[1]
 
 

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import resource
 import socket
 from collections.abc import Callable
 
@@ -81,25 +80,6 @@ def _grow_buffers(sock: socket.socket, size: int) -> None:
         except OSError:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
-
-
-def ensure_fd_limit(wanted: int) -> int:
-    """Raise this process's open-file soft limit towards `wanted` (never above the hard limit).
-
-    Every session holds one socket; the common default soft limit of 1,024 would cap sessions
-    far below --udp-max-sessions. Returns the soft limit now in force.
-    """
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):  # pragma: no cover - not on Linux
-        return wanted
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return wanted
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    with contextlib.suppress(OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    return soft
 
 
 class _Session:
@@ -174,7 +154,6 @@ class UdpForwarder:
 
     async def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
-        ensure_fd_limit(2 * self.sessions.max_sessions + 1024)
         self._listen.setblocking(False)
         _grow_buffers(self._listen, LISTEN_BUFFER)
         loop.add_reader(self._listen.fileno(), self._read_listen)
