@@ -23,15 +23,6 @@ def _family(version: int) -> int:
     return socket.AF_INET6 if version == 6 else socket.AF_INET
 
 
-def link_index(name: str) -> int | None:
-    def op() -> int | None:
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=name)
-        return int(found[0]) if found else None
-
-    return worker.run(op)
-
-
 def link_names() -> set[str]:
     def op() -> set[str]:
         with IPRoute() as ipr:

@@ -63,10 +63,6 @@ class AddressPool:
         """The server's interface address with the pool's prefix, e.g. "10.1.0.1/16"."""
         return f"{self.server_address}/{self.network.prefixlen}"
 
-    @property
-    def capacity(self) -> int:
-        return self._last - self._first + 1
-
     def allocate(self, preferred: IPv4Address | None = None) -> IPv4Address:
         """Hand out `preferred` if it is a free tunnel address of this pool, else the lowest free.
 

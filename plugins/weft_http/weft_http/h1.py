@@ -23,9 +23,6 @@ MAX_TRAILERS = 32 * 1024
 
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HOSTNAME_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
-)
 FORWARDING_HEADERS = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
      "x-real-ip", "forwarded"}
@@ -234,10 +231,6 @@ class RequestHead(_Head):
             return None
         value = self.get("upgrade")
         return value.strip().lower() if value else None
-
-    @property
-    def expects_continue(self) -> bool:
-        return (self.get("expect") or "").lower() == "100-continue"
 
     @property
     def has_forwarding(self) -> bool:
@@ -631,7 +624,3 @@ def normalize_host(value: str) -> str | None:
     if len(value) > 253 or not _HOSTNAME_RE.match(value):
         return None
     return value
-
-
-def is_hop_by_hop(name: str) -> bool:
-    return name.lower() in _HOP_BY_HOP

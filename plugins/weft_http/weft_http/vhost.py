@@ -253,10 +253,6 @@ def site_for(bind_address: str, net: NetContext, limits: HttpLimits,
     return site
 
 
-def all_sites() -> list[Site]:
-    return list(_SITES.values())
-
-
 
 
 # --- one visitor connection ----------------------------------------------------------------------
