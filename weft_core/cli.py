@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, telemetry
+from . import __version__, loop, telemetry
 from .config import load_toml, to_defaults, tunnel_config
 from .errors import ApiError, ExitCode, UsageError, WeftError
 from .netctx import raise_open_file_limit
@@ -498,21 +498,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = server_settings(args)
             telemetry.settings_from_options(args)  # bad telemetry flags: exit 2 before starting
             _setup_logging(args, logging.INFO)
-            return asyncio.run(run_server(settings, args, host))
+            return loop.run(run_server(settings, args, host))
         if args.command == "tunnel":
             from .tunnel import run_tunnel
 
             tsettings = tunnel_settings(args, config)
             telemetry.settings_from_options(args)
             _setup_logging(args, logging.WARNING)
-            return asyncio.run(run_tunnel(tsettings, args, host))
+            return loop.run(run_tunnel(tsettings, args, host))
         if args.command == "proxy":
             from .proxy import run_proxy
 
             _setup_logging(args, logging.WARNING)
             src = parse_route_url(args.src, "SRC")
             dst = parse_route_url(args.dst, "DST")
-            return asyncio.run(run_proxy(src, dst, args, host))
+            return loop.run(run_proxy(src, dst, args, host))
         if args.command == "plugins":
             return _print_plugins(host)
         if args.command == "list":

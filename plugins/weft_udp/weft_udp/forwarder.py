@@ -29,13 +29,16 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 
 import asyncio_dgram
 
 from weft_core import ConnectionSummary, Counters, NetContext
 
+from .dgram import connected_stream
 from .sessions import SessionTable
 
 log = logging.getLogger("weft.udp")
@@ -53,13 +56,77 @@ SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not
 _open_sessions = 0
 max_total_sessions = 100_000
 
-_buffer = bytearray(MAX_DATAGRAM)  # shared: reader callbacks run one at a time on the loop thread
+# UDP GSO (Linux 4.18+): one sendmsg carries a run of same-size datagrams of one session, with a
+# UDP_SEGMENT control message; the kernel cuts it back into the very same datagrams.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64  # the kernel takes 64 (128 since 6.9): 64 works everywhere
+GSO_MAX_BYTES = 64_000  # payload of one send; the kernel's own cap is a little over 65,000
+_GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+_gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"  # off once the kernel says it cannot
+_segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}  # segment size -> ancillary data
+
+# The listening socket's datagrams of one wake-up go one after another into this buffer (shared:
+# reader callbacks run one at a time on the loop thread); a read always has a whole
+# MAX_DATAGRAM of room, so nothing is ever truncated.
+_BUFFER_SIZE = 256 * 1024
+_buffer = bytearray(_BUFFER_SIZE + MAX_DATAGRAM)
 _view = memoryview(_buffer)
 
 # Errors a send can return because an earlier datagram came back as an ICMP error.
 _ICMP_ERRORS = (
     errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EPROTO,
 )
+
+
+def gso_runs(
+    sizes: Sequence[int],
+    max_segment: int,
+    max_segments: int = GSO_MAX_SEGMENTS,
+    max_bytes: int = GSO_MAX_BYTES,
+) -> list[tuple[int, int]]:
+    """Cut one session's datagrams (their sizes, in order) into runs that one GSO send may carry.
+
+    Returns `(start, stop)` index ranges covering `sizes` in order. A run of two or more is
+    datagrams of one size (its segment size, at most `max_segment`: what fits the path's MTU)
+    with maybe one shorter, non-empty datagram last, at most `max_segments` datagrams and
+    `max_bytes` bytes in all: the kernel cuts such a send back into exactly those datagrams. Any
+    other datagram (empty, too large, or a size change) starts a new run, so order is kept.
+    """
+    runs: list[tuple[int, int]] = []
+    count = len(sizes)
+    start = 0
+    while start < count:
+        segment = sizes[start]
+        stop = start + 1
+        if 0 < segment <= max_segment:
+            total = segment
+            limit = min(count, start + max_segments)
+            while stop < limit:
+                size = sizes[stop]
+                if size > segment or size == 0 or total + size > max_bytes:
+                    break
+                total += size
+                stop += 1
+                if size < segment:  # a shorter datagram can only be the last of a run
+                    break
+        runs.append((start, stop))
+        start = stop
+    return runs
+
+
+def _max_segment(sock: socket.socket, family: int) -> int:
+    """The largest datagram a GSO send on this connected socket may cut (path MTU - headers)."""
+    if not _gso:
+        return 0
+    try:
+        if family == socket.AF_INET6:
+            mtu = sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
+            return max(0, mtu - 48)
+        mtu = sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU", 14))
+        return max(0, mtu - 28)
+    except OSError:
+        return 0
 
 
 def peer_name(addr: Address) -> str:
@@ -89,6 +156,7 @@ class _Session:
         "closed",
         "datagrams_in",
         "datagrams_out",
+        "gso",
         "key",
         "pumping",
         "sock",
@@ -107,6 +175,7 @@ class _Session:
         self.started = now
         self.bytes_in = self.bytes_out = 0
         self.datagrams_in = self.datagrams_out = 0
+        self.gso = 0  # the largest datagram a GSO run towards the target may hold; 0: no GSO
 
 
 class UdpForwarder:
@@ -164,34 +233,137 @@ class UdpForwarder:
     def _read_listen(self) -> None:
         loop = self._loop
         assert loop is not None
-        listen = self._listen
+        recv = self._listen.recvfrom_into
         sessions = self.sessions
-        counters = self.counters
         allowed = self._allowed_source
+        view = _view
         now = loop.time()
+        # Per session, its datagrams of this wake-up as (offset, size) pairs, flat: sent per
+        # session, in order, once the batch is read (runs of them in one GSO send each).
+        pending: dict[_Session, list[int]] = {}
+        last_addr: object = None
+        session: _Session | None = None
+        offset = dropped = 0
         for _ in range(BATCH):
             try:
-                n, addr = listen.recvfrom_into(_buffer)
+                n, addr = recv(view[offset:])
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:  # an ICMP error on an unconnected socket (IP_RECVERR off: rare)
                 log.debug("%s: receive failed: %s", self.name, exc)
                 continue
-            key: Address = (addr[0], addr[1])
-            if allowed is not None and key[0] != allowed:
-                counters.dropped += 1
-                continue
-            session = sessions.get(key, now)
-            if session is None:
-                session = self._open(key, now)
-                if session is None:
-                    counters.dropped += 1
+            if addr != last_addr:
+                key: Address = (addr[0], addr[1])
+                if allowed is not None and key[0] != allowed:
+                    dropped += 1
                     continue
-            if self._send(session.sock, _view[:n]):
-                counters.datagrams_in += 1
-                counters.bytes_in += n
-                session.datagrams_in += 1
-                session.bytes_in += n
+                session = sessions.get(key, now)
+                if session is None:
+                    if pending:  # what came before goes first (opening may evict a session)
+                        self._flush(pending)
+                        pending = {}
+                        view[:n] = view[offset : offset + n]
+                        offset = 0
+                    session = self._open(key, now)
+                    if session is None:
+                        dropped += 1
+                        last_addr = None
+                        continue
+                last_addr = addr
+            assert session is not None
+            found = pending.get(session)
+            if found is None:
+                pending[session] = [offset, n]
+            else:
+                found += (offset, n)
+            offset += n
+            if offset > _BUFFER_SIZE:
+                self._flush(pending)
+                pending = {}
+                offset = 0
+        if dropped:
+            self.counters.dropped += dropped
+        if pending:
+            self._flush(pending)
+
+    def _flush(self, pending: dict[_Session, list[int]]) -> None:
+        """Send each session's datagrams of this batch, in order; count them per batch."""
+        view = _view
+        counters = self.counters
+        for session, items in pending.items():
+            sock = session.sock
+            sent = nbytes = 0
+            if len(items) == 2 or not session.gso or not _gso:
+                for i in range(0, len(items), 2):
+                    offset, n = items[i], items[i + 1]
+                    if self._send(sock, view[offset : offset + n]):
+                        sent += 1
+                        nbytes += n
+            else:
+                sizes = items[1::2]
+                for start, stop in gso_runs(sizes, session.gso):
+                    if stop - start == 1:
+                        offset, n = items[2 * start], sizes[start]
+                        if self._send(sock, view[offset : offset + n]):
+                            sent += 1
+                            nbytes += n
+                        continue
+                    ok, size = self._send_run(session, items, start, stop)
+                    sent += ok
+                    nbytes += size
+            if sent:
+                counters.datagrams_in += sent
+                counters.bytes_in += nbytes
+                session.datagrams_in += sent
+                session.bytes_in += nbytes
+
+    def _send_run(self, session: _Session, items: list[int], start: int, stop: int) -> tuple[int, int]:
+        """Send datagrams `start:stop` of `items` in one GSO send; (datagrams, bytes) sent."""
+        view = _view
+        first = items[2 * start]
+        last = items[2 * stop - 2] + items[2 * stop - 1]
+        total = sum(items[2 * start + 1 : 2 * stop : 2])
+        if last - first == total:  # one after another in the buffer (one visitor's burst)
+            data: list[memoryview] = [view[first:last]]
+        else:
+            data = [view[items[i] : items[i] + items[i + 1]] for i in range(2 * start, 2 * stop, 2)]
+        segment = items[2 * start + 1]
+        cmsg = _segment_cmsg.get(segment)
+        if cmsg is None:
+            cmsg = _segment_cmsg[segment] = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", segment))]
+        sock = session.sock
+        for attempt in (0, 1):
+            try:
+                sock.sendmsg(data, cmsg)
+                return stop - start, total
+            except (BlockingIOError, InterruptedError):
+                self.counters.dropped += stop - start  # the socket buffer is full: UDP drops
+                return 0, 0
+            except OSError as exc:
+                if exc.errno in _ICMP_ERRORS and attempt == 0:
+                    self._target_error(exc)  # an earlier datagram was lost; now try this run
+                    continue
+                if exc.errno in _GSO_UNSUPPORTED or exc.errno == errno.EMSGSIZE:
+                    self._gso_failed(session, exc)
+                    break
+                self.counters.dropped += stop - start
+                self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
+                return 0, 0
+        sent = nbytes = 0  # GSO is off now: one datagram at a time
+        for i in range(2 * start, 2 * stop, 2):
+            offset, n = items[i], items[i + 1]
+            if self._send(sock, view[offset : offset + n]):
+                sent += 1
+                nbytes += n
+        return sent, nbytes
+
+    def _gso_failed(self, session: _Session, exc: OSError) -> None:
+        global _gso
+        if exc.errno == errno.EMSGSIZE:  # the path's MTU shrank: this session sends singly
+            session.gso = 0
+            return
+        _gso = False
+        log.info("%s: UDP GSO unavailable (%s): one datagram per send", self.name, exc.strerror)
 
     def _send(self, sock: socket.socket, data: memoryview) -> bool:
         """Send one datagram to the target; count a drop (or two) when it cannot go."""
@@ -238,6 +410,7 @@ class UdpForwarder:
             self._warn(f"cannot reach {peer_name(self.target)}: {exc.strerror}")
             return None
         session = _Session(key, sock, now)
+        session.gso = _max_segment(sock, sock.family)
         for old_key, old in self.sessions.add(key, session, now):
             self._close_session(old, "evicted" if old_key != key else "replaced")
         self.counters.connections += 1
@@ -255,7 +428,7 @@ class UdpForwarder:
             with contextlib.suppress(OSError):
                 session.sock.close()
             return
-        stream = await asyncio_dgram.from_socket(session.sock)
+        stream = await connected_stream(session.sock)
         session.stream = stream
         if session.closed:
             stream.close()
