@@ -1,6 +1,7 @@
 """UDP through Weft against bare WireGuard between the same namespaces, in the same run.
 
     sudo /opt/weft-venv/bin/python bench/bench_udp.py [--seconds 5] [--json]
+    /opt/weft-venv/bin/python bench/bench_udp.py --cpu [--count 300000] [--size 1400]
 
 Builds its own namespace lab (tests/netns.py) and measures with iperf3 -u:
 
@@ -14,13 +15,23 @@ Two figures each: throughput with 1,400-byte datagrams (what arrived, in Mbit/s)
 second with 64-byte datagrams. Each is measured at a few offered rates and the best delivery is
 kept (UDP has no flow control: offering far more than a path carries only burns the CPU it
 shares). Prints figures and ratios, and JSON with --json. Never asserts a timing.
+
+`--cpu` (no root, loopback only) measures what the forwarder itself costs: a `UdpForwarder` in its
+own process relays COUNT datagrams from a blaster (this process) to a sink (another process), and
+the forwarder's utime+stime from /proc is divided by the datagrams the sink got. CPU time is far
+steadier than throughput on a shared machine. `--rate` paces the blaster (datagrams per second, in
+bursts of `--burst`), `--visitors` spreads the datagrams over that many source sockets.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,11 +110,165 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
     return {**figures, "rate": rate, "runs": runs}
 
 
+# --- loopback CPU micro-bench (--cpu) -------------------------------------------------------
+
+LO = "127.0.0.1"
+
+
+def _role_sink() -> None:
+    """Count datagrams; after each quiet spell following traffic, print `count bytes`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((LO, 0))
+    print(sock.getsockname()[1], flush=True)
+    buf = bytearray(65535)
+    count = nbytes = 0
+    reported = -1
+    sock.settimeout(0.3)
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except TimeoutError:
+            if count != reported:
+                print(count, nbytes, flush=True)
+                reported = count
+            continue
+        count += 1
+        nbytes += n
+
+
+def _role_forwarder(target: int) -> None:
+    import asyncio
+
+    from weft_core import HOST_NET
+    from weft_udp.forwarder import UdpForwarder
+
+    async def run() -> None:
+        fwd = UdpForwarder("bench", HOST_NET.bind_udp(LO, 0), HOST_NET, (LO, target))
+        await fwd.start()
+        print(fwd.address[1], flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        c = fwd.counters
+        print(json.dumps({"in": c.datagrams_in, "dropped": c.dropped,
+                          "gso_sends": getattr(fwd, "gso_sends", None)}), flush=True)
+        await fwd.close()
+
+    asyncio.run(run())
+
+
+def _cpu(pid: int) -> tuple[float, float, int]:
+    """utime, stime (seconds) and voluntary context switches of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            switches = int(line.split()[1])
+    return int(fields[11]) / tick, int(fields[12]) / tick, switches
+
+
+def _blast(port: int, count: int, size: int, rate: float, burst: int, visitors: int) -> None:
+    socks = []
+    for _ in range(visitors):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.connect((LO, port))
+        socks.append(sock)
+    payload = os.urandom(size)
+    start = time.monotonic()
+    sent = 0
+    while sent < count:
+        for i in range(min(burst, count - sent)):
+            sock = socks[(sent + i) % visitors]
+            with contextlib.suppress(OSError):
+                sock.send(payload)
+        sent += min(burst, count - sent)
+        if rate:
+            delay = start + sent / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    for sock in socks:
+        sock.close()
+
+
+def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "plugins" / "weft_udp"), os.environ.get("PYTHONPATH", "")])}
+    sink = subprocess.Popen([*me, "--role", "sink"], stdout=subprocess.PIPE, text=True, env=env)
+    fwd = None
+    try:
+        assert sink.stdout is not None
+        sink_port = int(sink.stdout.readline())
+        fwd = subprocess.Popen([*me, "--role", "forwarder", "--target", str(sink_port)],
+                               stdout=subprocess.PIPE, text=True, env=env)
+        assert fwd.stdout is not None
+        fwd_port = int(fwd.stdout.readline())
+        _blast(fwd_port, 2000, args.size, 50_000, 10, args.visitors)  # warm up, open sessions
+        got0 = int(sink.stdout.readline().split()[0])
+        user0, sys0, sw0 = _cpu(fwd.pid)
+        t0 = time.monotonic()
+        _blast(fwd_port, args.count, args.size, args.rate, args.burst, args.visitors)
+        got1 = int(sink.stdout.readline().split()[0])
+        user1, sys1, sw1 = _cpu(fwd.pid)
+        elapsed = time.monotonic() - t0 - 0.3  # the sink's quiet spell
+        fwd.send_signal(signal.SIGTERM)
+        counters = json.loads(fwd.stdout.readline())
+        fwd.wait(10)
+    finally:
+        for proc in (fwd, sink):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    forwarded = got1 - got0
+    user, system = (user1 - user0) * 1e6 / forwarded, (sys1 - sys0) * 1e6 / forwarded
+    return {
+        "count": args.count, "size": args.size, "rate": args.rate, "visitors": args.visitors,
+        "forwarded": forwarded, "lost_percent": 100 * (1 - forwarded / args.count),
+        "us_per_datagram": user + system, "user_us": user, "sys_us": system,
+        "datagrams_per_wakeup": forwarded / max(1, sw1 - sw0),
+        "seconds": elapsed, "counters": counters,
+        "loadavg": os.getloadavg()[0],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per iperf3 run (default 4)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--cpu", action="store_true",
+                        help="loopback micro-bench: forwarder CPU per datagram (no root)")
+    parser.add_argument("--count", type=int, default=300_000, help="--cpu: datagrams")
+    parser.add_argument("--size", type=int, default=1400, help="--cpu: datagram size")
+    parser.add_argument("--rate", type=float, default=0, help="--cpu: datagrams/s (0: flat out)")
+    parser.add_argument("--burst", type=int, default=16, help="--cpu: datagrams per burst")
+    parser.add_argument("--visitors", type=int, default=1, help="--cpu: source sockets")
+    parser.add_argument("--runs", type=int, default=3, help="--cpu: runs (median kept)")
+    parser.add_argument("--role", choices=("sink", "forwarder"), help=argparse.SUPPRESS)
+    parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role == "sink":
+        _role_sink()
+        return 0
+    if args.role == "forwarder":
+        _role_forwarder(args.target)
+        return 0
+    if args.cpu:
+        runs = [cpu_bench(args) for _ in range(args.runs)]
+        for run in runs:
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                              for k, v in run.items()}), file=sys.stderr)
+        median = sorted(runs, key=lambda r: r["us_per_datagram"])[len(runs) // 2]
+        print(f"forwarder CPU per datagram ({args.size} B, {args.visitors} visitor(s), rate "
+              f"{args.rate or 'flat out'}): median {median['us_per_datagram']:.2f} us "
+              f"(user {median['user_us']:.2f}, sys {median['sys_us']:.2f}), "
+              f"{median['datagrams_per_wakeup']:.1f} datagrams per wake-up, "
+              f"lost {median['lost_percent']:.1f}%, load {median['loadavg']:.2f}")
+        if args.json:
+            print(json.dumps(runs))
+        return 0
     if os.geteuid() != 0:
         print("bench_udp.py needs root (network namespaces)", file=sys.stderr)
         return 2

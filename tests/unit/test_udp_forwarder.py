@@ -273,3 +273,112 @@ def test_sessions_over_all_routes_are_bounded() -> None:
             module.max_total_sessions = saved
 
     run(main())
+
+
+class Sink:
+    """A target that keeps every datagram it gets, in order (a plain socket, big buffer)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((LO, 0))
+        self.sock.setblocking(False)
+        self.got: dict[tuple[str, int], list[bytes]] = {}
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self._read)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return host, port
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            self.got.setdefault(addr, []).append(data)
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.got.values())
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def _burst_sizes() -> list[int]:
+    return (
+        [1400] * 100 + [700] + [1400] * 5 + [0] + [100] * 3 + [99, 100] + [65507] + [8000] * 9
+        + [1] * 70 + [1400] * 3 + [1472] + [1400]
+    )
+
+
+def test_bursts_keep_datagram_boundaries_and_order_per_visitor() -> None:
+    """Bursts read in one wake-up go out in GSO runs; each datagram arrives whole, in order."""
+
+    async def main() -> None:
+        sink = Sink()
+        fwd = forwarder(sink.address)
+        await fwd.start()
+        visitors = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        sent: list[list[bytes]] = [[] for _ in visitors]
+        for sock in visitors:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            sock.connect(fwd.address)
+            sock.send(b"hello")  # open the sessions first
+        await until(lambda: sink.count() == 3)
+        sink.got.clear()
+        sizes = _burst_sizes()
+        # Interleaved and back to back, with no await: the forwarder finds them all queued.
+        for i, size in enumerate(sizes):
+            for v, sock in enumerate(visitors):
+                if v == 2 and i % 2:
+                    continue  # the third visitor sends every other datagram only
+                payload = (b"%d:%d|" % (v, i) + os.urandom(size))[:size]
+                sock.send(payload)
+                sent[v].append(payload)
+        await until(lambda: sink.count() == sum(map(len, sent)))
+        assert sorted(map(len, sink.got.values())) == sorted(map(len, sent))
+        for payloads in sent:
+            (got,) = [d for d in sink.got.values() if d[0] == payloads[0]]
+            assert [len(d) for d in got] == [len(d) for d in payloads]
+            assert got == payloads  # whole, in order, nothing from another visitor
+        assert fwd.gso_sends > 0  # runs did go out in one send each
+        c = fwd.counters
+        assert c.datagrams_in == 3 + sum(map(len, sent)) and c.dropped == 0
+        assert c.bytes_in == 15 + sum(len(d) for p in sent for d in p)
+        await fwd.close()
+        for sock in visitors:
+            sock.close()
+        sink.close()
+
+    run(main())
+
+
+def test_without_gso_bursts_still_cross_whole_and_in_order() -> None:
+    async def main() -> None:
+        import weft_udp.forwarder as module
+
+        saved, module._gso = module._gso, False
+        try:
+            sink = Sink()
+            fwd = forwarder(sink.address)
+            await fwd.start()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            sock.connect(fwd.address)
+            payloads = [(b"%d|" % i + os.urandom(s))[:s] for i, s in enumerate(_burst_sizes())]
+            for payload in payloads:
+                sock.send(payload)
+            await until(lambda: sink.count() == len(payloads))
+            assert list(sink.got.values()) == [payloads]
+            assert fwd.gso_sends == 0
+            await fwd.close()
+            sock.close()
+            sink.close()
+        finally:
+            module._gso = saved
+
+    run(main())

@@ -63,7 +63,8 @@ UDP_SEGMENT = 103
 GSO_MAX_SEGMENTS = 64  # the kernel takes 64 (128 since 6.9): 64 works everywhere
 GSO_MAX_BYTES = 64_000  # payload of one send; the kernel's own cap is a little over 65,000
 _GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
-_gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"  # off once the kernel says it cannot
+_gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"
+COALESCE = float(os.environ.get("WEFT_UDP_COALESCE", "0"))  # off once the kernel says it cannot
 _segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}  # segment size -> ancillary data
 
 # The listening socket's datagrams of one wake-up go one after another into this buffer (shared:
@@ -211,6 +212,8 @@ class UdpForwarder:
         self._closed = False
         self._warned: set[str] = set()
         self._target_failing = False
+        self._coalesce: asyncio.TimerHandle | None = None
+        self.gso_sends = 0  # GSO sends that carried a run of datagrams (for tests and benches)
 
     @property
     def address(self) -> Address:
@@ -225,12 +228,27 @@ class UdpForwarder:
         self._loop = loop = asyncio.get_running_loop()
         self._listen.setblocking(False)
         _grow_buffers(self._listen, LISTEN_BUFFER)
-        loop.add_reader(self._listen.fileno(), self._read_listen)
+        loop.add_reader(self._listen.fileno(), self._on_readable)
         self._schedule_sweep()
+
+    def _on_readable(self) -> None:
+        if self._read_listen() >= 2 and COALESCE and self._loop is not None:
+            self._loop.remove_reader(self._listen.fileno())
+            self._coalesce = self._loop.call_later(COALESCE, self._on_timer)
+
+    def _on_timer(self) -> None:
+        assert self._loop is not None
+        self._coalesce = None
+        if self._closed:
+            return
+        if self._read_listen() >= 2:
+            self._coalesce = self._loop.call_later(COALESCE, self._on_timer)
+        else:
+            self._loop.add_reader(self._listen.fileno(), self._on_readable)
 
     # --- peers -> target (the hot path) ------------------------------------------------------
 
-    def _read_listen(self) -> None:
+    def _read_listen(self) -> int:
         loop = self._loop
         assert loop is not None
         recv = self._listen.recvfrom_into
@@ -244,10 +262,12 @@ class UdpForwarder:
         last_addr: object = None
         session: _Session | None = None
         offset = dropped = 0
-        for _ in range(BATCH):
+        count = 0
+        for count in range(1, BATCH + 1):
             try:
                 n, addr = recv(view[offset:])
             except (BlockingIOError, InterruptedError):
+                count -= 1
                 break
             except OSError as exc:  # an ICMP error on an unconnected socket (IP_RECVERR off: rare)
                 log.debug("%s: receive failed: %s", self.name, exc)
@@ -262,8 +282,6 @@ class UdpForwarder:
                     if pending:  # what came before goes first (opening may evict a session)
                         self._flush(pending)
                         pending = {}
-                        view[:n] = view[offset : offset + n]
-                        offset = 0
                     session = self._open(key, now)
                     if session is None:
                         dropped += 1
@@ -285,6 +303,7 @@ class UdpForwarder:
             self.counters.dropped += dropped
         if pending:
             self._flush(pending)
+        return count
 
     def _flush(self, pending: dict[_Session, list[int]]) -> None:
         """Send each session's datagrams of this batch, in order; count them per batch."""
@@ -317,7 +336,9 @@ class UdpForwarder:
                 session.datagrams_in += sent
                 session.bytes_in += nbytes
 
-    def _send_run(self, session: _Session, items: list[int], start: int, stop: int) -> tuple[int, int]:
+    def _send_run(
+        self, session: _Session, items: list[int], start: int, stop: int
+    ) -> tuple[int, int]:
         """Send datagrams `start:stop` of `items` in one GSO send; (datagrams, bytes) sent."""
         view = _view
         first = items[2 * start]
@@ -335,6 +356,7 @@ class UdpForwarder:
         for attempt in (0, 1):
             try:
                 sock.sendmsg(data, cmsg)
+                self.gso_sends += 1
                 return stop - start, total
             except (BlockingIOError, InterruptedError):
                 self.counters.dropped += stop - start  # the socket buffer is full: UDP drops
@@ -541,6 +563,9 @@ class UdpForwarder:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._coalesce is not None:
+            self._coalesce.cancel()
+            self._coalesce = None
         if self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._listen.fileno())
