@@ -51,6 +51,11 @@ LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (burst
 SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending ICMP errors
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
 
+# Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
+# instead of on every datagram (set from --udp-coalesce-ms; 0: never). See _on_readable.
+coalesce_delay = float(os.environ.get("WEFT_UDP_COALESCE_MS", "1")) / 1000
+COALESCE_MAX_BATCHES = 32  # batches read per timer wake-up at most (a burst larger waits a turn)
+
 # Sessions open in this process over every route, and the most there may be (set from
 # --udp-max-total-sessions): per-route caps alone would let many routes add up without bound.
 _open_sessions = 0
@@ -64,7 +69,7 @@ GSO_MAX_SEGMENTS = 64  # the kernel takes 64 (128 since 6.9): 64 works everywher
 GSO_MAX_BYTES = 64_000  # payload of one send; the kernel's own cap is a little over 65,000
 _GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 _gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"
-COALESCE = float(os.environ.get("WEFT_UDP_COALESCE", "0"))  # off once the kernel says it cannot
+  # off once the kernel says it cannot
 _segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}  # segment size -> ancillary data
 
 # The listening socket's datagrams of one wake-up go one after another into this buffer (shared:
@@ -213,6 +218,7 @@ class UdpForwarder:
         self._warned: set[str] = set()
         self._target_failing = False
         self._coalesce: asyncio.TimerHandle | None = None
+        self._last_wakeup = 0.0
         self.gso_sends = 0  # GSO sends that carried a run of datagrams (for tests and benches)
 
     @property
@@ -232,19 +238,42 @@ class UdpForwarder:
         self._schedule_sweep()
 
     def _on_readable(self) -> None:
-        if self._read_listen() >= 2 and COALESCE and self._loop is not None:
-            self._loop.remove_reader(self._listen.fileno())
-            self._coalesce = self._loop.call_later(COALESCE, self._on_timer)
+        """Read what is there; when datagrams come close together, switch to reading on a timer.
+
+        Each wake-up of the loop costs more than relaying a datagram (epoll, the loop's own work,
+        the read that finds the socket empty), and under a steady stream wake-ups come one or two
+        datagrams apart. So when a wake-up finds several datagrams queued, or comes within
+        `coalesce_delay` of the previous one, the socket is left alone for `coalesce_delay` and
+        then read in full batches (and GSO runs) at once; a timer read that finds fewer than two
+        goes back to waking on every datagram. A lone request (DNS, a game tick) is read at once;
+        a stream waits at most `coalesce_delay` more.
+        """
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        close = now - self._last_wakeup < coalesce_delay
+        self._last_wakeup = now
+        if (self._read_listen() >= 2 or close) and coalesce_delay > 0 and not self._closed:
+            loop.remove_reader(self._listen.fileno())
+            self._coalesce = loop.call_later(coalesce_delay, self._on_timer)
 
     def _on_timer(self) -> None:
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
         self._coalesce = None
         if self._closed:
             return
-        if self._read_listen() >= 2:
-            self._coalesce = self._loop.call_later(COALESCE, self._on_timer)
+        count = 0
+        for _ in range(COALESCE_MAX_BATCHES):
+            got = self._read_listen()
+            count += got
+            if got < BATCH:
+                break
+        if count >= 2:
+            self._coalesce = loop.call_later(coalesce_delay, self._on_timer)
         else:
-            self._loop.add_reader(self._listen.fileno(), self._on_readable)
+            self._last_wakeup = 0.0
+            loop.add_reader(self._listen.fileno(), self._on_readable)
 
     # --- peers -> target (the hot path) ------------------------------------------------------
 
