@@ -40,10 +40,51 @@ class TimedTunnel(Tunnel):
         self.stamps.setdefault("ready", time.perf_counter())
         self.ready.set()
 
+    async def _login_and_connect(self) -> dict[str, Any]:
+        real_login = self.client.login
+
+        async def timed_login() -> None:
+            await real_login()
+            self.stamps.setdefault("login", time.perf_counter())
+
+        self.client.login = timed_login  # type: ignore[method-assign]
+        try:
+            answer = await super()._login_and_connect()
+        finally:
+            self.client.login = real_login  # type: ignore[method-assign]
+        self.stamps.setdefault("connect", time.perf_counter())
+        return answer
+
+    async def _bring_up(self, iface: Any, answer: dict[str, Any]) -> None:
+        # Both the answer to /connect and wireguard-go (started meanwhile) are here.
+        self.stamps.setdefault("device", time.perf_counter())
+        await super()._bring_up(iface, answer)
+
     async def _wait_for_handshake(self, iface: Any, host: str, port: int) -> None:
         self.stamps.setdefault("interface", time.perf_counter())
         await super()._wait_for_handshake(iface, host, port)
         self.stamps.setdefault("handshake", time.perf_counter())
+
+
+PHASES = (  # (name, stamp it ends at); each phase starts where the one before it ended
+    ("login", "login"),  # TLS handshake, GET and POST /login
+    ("connect", "connect"),  # POST /connect
+    ("device_wait", "device"),  # wireguard-go still starting (it started with the login)
+    ("interface", "interface"),  # address, forwarder, nft table, peer, route and rule
+    ("handshake", "handshake"),
+    ("publish", "ready"),  # POST /routes
+)
+
+
+def phases(stamps: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of one tunnel's start (a missing stamp counts as no time)."""
+    out: dict[str, float] = {}
+    last = stamps["start"]
+    for name, stamp in PHASES:
+        end = stamps.get(stamp, last)
+        out[name] = end - last
+        last = end
+    return out
 
 
 async def run(server_url: str, prefix: str, count: int, local_port: int) -> None:
@@ -81,11 +122,7 @@ async def run(server_url: str, prefix: str, count: int, local_port: int) -> None
             result["error"] = repr(tasks[-1].exception())
         if "ready" in s:
             result["seconds"] = s["ready"] - s["start"]
-            result["phases"] = {
-                "login_connect_interface": s.get("interface", s["start"]) - s["start"],
-                "handshake": s.get("handshake", s["start"]) - s.get("interface", s["start"]),
-                "forwarder_publish": s["ready"] - s.get("handshake", s["start"]),
-            }
+            result["phases"] = phases(s)
         print("RESULT " + json.dumps(result), flush=True)
     print("ALL READY", flush=True)
     with contextlib.suppress(TimeoutError):

@@ -117,13 +117,7 @@ class Tunnel:
     async def _connect(self) -> None:
         # wireguard-go takes a while to start: let it start while we log in and connect.
         device = asyncio.ensure_future(
-            asyncio.to_thread(
-                WireGuardInterface.create,
-                unique_interface_name("weftt"),
-                self.private_key,
-                None,
-                backend=self.settings.wireguard_backend,
-            )
+            asyncio.to_thread(_make_device, self.private_key, self.settings.wireguard_backend)
         )
         try:
             answer = await self._login_and_connect()
@@ -159,11 +153,24 @@ class Tunnel:
         server = self.settings.server
         self.address = address = str(ipaddress.IPv4Address(answer["address"]))
         server_address = str(ipaddress.IPv4Address(answer["server_address"]))
-        if self.settings.isolation:
-            # Closed first (no port open), before the interface is up: no window for the server.
-            self.isolation = TunnelIsolation(iface.name, server_address, address)
-            self.isolation.apply(tcp_ports=set(), udp_ports=set())
         await asyncio.to_thread(iface.assign_address, f"{address}/32")
+        # The forwarders listen on the tunnel's address, so they open once it is assigned, and
+        # before the filter: it is then loaded once, with their ports (each `nft` load costs
+        # 15-40 ms, more with many tunnels on one host). No window for the server: nothing comes
+        # in over WireGuard until the server is a peer, and that is set after the filter.
+        ctx = ForwarderContext(
+            self.name, self.options, address, server_address, verbose=self.settings.verbose
+        )
+        for active in self.routes:
+            active.forwarder, active.forwarder_port = await active.protocol.open_tunnel_forwarder(
+                active.route, ctx
+            )
+        if self.settings.isolation:
+            self.isolation = TunnelIsolation(iface.name, server_address, address)
+            self.isolation.apply(
+                tcp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "tcp"},
+                udp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "udp"},
+            )
         endpoint_host = await _resolve(server.host)
         iface.set_peer(
             Peer(
@@ -179,19 +186,6 @@ class Tunnel:
         iface.add_route(f"{server_address}/32", table=table)
         iface.add_source_rule(address, table=table, priority=RULE_PRIORITY)
         await self._wait_for_handshake(iface, endpoint_host, int(answer["wireguard_port"]))
-
-        ctx = ForwarderContext(
-            self.name, self.options, address, server_address, verbose=self.settings.verbose
-        )
-        for active in self.routes:
-            active.forwarder, active.forwarder_port = await active.protocol.open_tunnel_forwarder(
-                active.route, ctx
-            )
-        if self.isolation is not None:
-            self.isolation.apply(
-                tcp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "tcp"},
-                udp_ports={a.forwarder_port for a in self.routes if a.protocol.transport == "udp"},
-            )
         await self._publish_routes()
 
     async def _wait_for_handshake(self, iface: WireGuardInterface, host: str, port: int) -> None:
@@ -356,6 +350,12 @@ class Tunnel:
         await self._teardown()
         say(f"weft tunnel {self.name}: stopped")
         return ExitCode.OK
+
+
+def _make_device(private_key: str, backend: str) -> WireGuardInterface:
+    # The name is picked here, off the event loop, as it asks netlink which names are taken.
+    name = unique_interface_name("weftt")
+    return WireGuardInterface.create(name, private_key, None, backend=backend)
 
 
 def _close_when_made(device: asyncio.Future[WireGuardInterface]) -> None:

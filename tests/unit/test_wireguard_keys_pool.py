@@ -215,10 +215,18 @@ def test_select_backend_unknown_name() -> None:
 
 
 def test_unique_interface_name(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
-    monkeypatch.setattr(backend.links, "link_names", lambda: {"lo", "eth0"})
+    taken: list[str] = []
+
+    def link_exists(name: str) -> bool:
+        # Every other candidate is taken: a taken name is never returned.
+        taken.append(name)
+        return len(taken) % 2 == 1
+
+    monkeypatch.setattr(backend.links, "link_exists", link_exists)
     names = {backend.unique_interface_name("weftt") for _ in range(50)}
     assert len(names) == 50
     assert all(len(n) <= 15 and n.startswith("weftt") for n in names)
+    assert names.isdisjoint(taken[0::2])
     with pytest.raises(ValueError):
         backend.unique_interface_name("muchtoolongprefix")
 

@@ -113,10 +113,9 @@ def unique_interface_name(prefix: str) -> str:
     room = MAX_IFNAME - len(prefix)
     if room < 4:
         raise ValueError(f"interface name prefix {prefix!r} too long: keep it to 11 characters")
-    taken = links.link_names()
     for _ in range(100):
         name = prefix + secrets.token_hex(4)[:room]
-        if name not in taken and not os.path.exists(uapi.socket_path(name)):
+        if not os.path.exists(uapi.socket_path(name)) and not links.link_exists(name):
             return name
     raise WeftError(f"could not find a free interface name with prefix {prefix!r}")
 
