@@ -382,3 +382,32 @@ def test_without_gso_bursts_still_cross_whole_and_in_order() -> None:
             module._gso = saved
 
     run(main())
+
+
+def test_a_burst_of_new_visitors_goes_out_a_batch_at_a_time() -> None:
+    """Reading on a timer never sends a whole backlog at once: a small-buffered service keeps up.
+
+    500 visitors at once, to a service on the same loop with a small receive buffer: the
+    forwarder sends at most one batch per loop iteration, so the service reads in between.
+    """
+
+    async def main() -> None:
+        sink = Sink()
+        sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        fwd = forwarder(sink.address)
+        await fwd.start()
+        visitors = [client() for _ in range(500)]
+        sock = visitors[0]
+        sock.sendto(b"first", fwd.address)
+        await until(lambda: sink.count() == 1)
+        for i, sock in enumerate(visitors):
+            sock.sendto(b"visitor %d" % i, fwd.address)
+        await until(lambda: fwd.counters.datagrams_in == 501)
+        await asyncio.sleep(0.2)
+        assert sink.count() == 501 and fwd.counters.dropped == 0
+        await fwd.close()
+        for sock in visitors:
+            sock.close()
+        sink.close()
+
+    run(main())

@@ -54,7 +54,6 @@ SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not
 # Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
 # instead of on every datagram (set from --udp-coalesce-ms; 0: never). See _on_readable.
 coalesce_delay = float(os.environ.get("WEFT_UDP_COALESCE_MS", "1")) / 1000
-COALESCE_MAX_BATCHES = 32  # batches read per timer wake-up at most (a burst larger waits a turn)
 
 # Sessions open in this process over every route, and the most there may be (set from
 # --udp-max-total-sessions): per-route caps alone would let many routes add up without bound.
@@ -244,16 +243,20 @@ class UdpForwarder:
         the read that finds the socket empty), and under a steady stream wake-ups come one or two
         datagrams apart. So when a wake-up finds several datagrams queued, or comes within
         `coalesce_delay` of the previous one, the socket is left alone for `coalesce_delay` and
-        then read in full batches (and GSO runs) at once; a timer read that finds fewer than two
-        goes back to waking on every datagram. A lone request (DNS, a game tick) is read at once;
-        a stream waits at most `coalesce_delay` more.
+        then read as one batch (and GSO runs). A timer read that finds fewer than two datagrams
+        goes back to waking on every datagram, and so does one that fills a whole batch: a
+        backlog is drained a batch per loop iteration as before, so what goes out at once is
+        never more than one batch (downstream buffers, WireGuard's 208 KiB among them, take
+        that). A lone request (DNS, a game tick) is read at once; a stream waits at most
+        `coalesce_delay` more.
         """
         loop = self._loop
         assert loop is not None
         now = loop.time()
         close = now - self._last_wakeup < coalesce_delay
         self._last_wakeup = now
-        if (self._read_listen() >= 2 or close) and coalesce_delay > 0 and not self._closed:
+        got = self._read_listen()
+        if (got >= 2 or close) and got < BATCH and coalesce_delay > 0 and not self._closed:
             loop.remove_reader(self._listen.fileno())
             self._coalesce = loop.call_later(coalesce_delay, self._on_timer)
 
@@ -263,16 +266,11 @@ class UdpForwarder:
         self._coalesce = None
         if self._closed:
             return
-        count = 0
-        for _ in range(COALESCE_MAX_BATCHES):
-            got = self._read_listen()
-            count += got
-            if got < BATCH:
-                break
-        if count >= 2:
+        got = self._read_listen()
+        if 2 <= got < BATCH:
             self._coalesce = loop.call_later(coalesce_delay, self._on_timer)
         else:
-            self._last_wakeup = 0.0
+            self._last_wakeup = 0.0 if got < 2 else loop.time()
             loop.add_reader(self._listen.fileno(), self._on_readable)
 
     # --- peers -> target (the hot path) ------------------------------------------------------
