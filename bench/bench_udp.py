@@ -148,11 +148,15 @@ def _role_sink() -> None:
         nbytes += n
 
 
-def _role_forwarder(target: int) -> None:
+def _role_forwarder(target: int, coalesce_ms: float | None) -> None:
     import asyncio
 
+    import weft_udp.forwarder as module
     from weft_core import HOST_NET
     from weft_udp.forwarder import UdpForwarder
+
+    if coalesce_ms is not None:
+        module.coalesce_delay = coalesce_ms / 1000
 
     async def run() -> None:
         fwd = UdpForwarder("bench", HOST_NET.bind_udp(LO, 0), HOST_NET, (LO, target))
@@ -217,8 +221,10 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         assert sink.stdout is not None
         sink_port = int(sink.stdout.readline())
-        fwd = subprocess.Popen([*me, "--role", "forwarder", "--target", str(sink_port)],
-                               stdout=subprocess.PIPE, text=True, env=env)
+        coalesce = [] if args.coalesce_ms is None else ["--coalesce-ms", str(args.coalesce_ms)]
+        fwd = subprocess.Popen(
+            [*me, "--role", "forwarder", "--target", str(sink_port), *coalesce],
+            stdout=subprocess.PIPE, text=True, env=env)
         assert fwd.stdout is not None
         fwd_port = int(fwd.stdout.readline())
         _blast(fwd_port, 2000, args.size, 50_000, 10, args.visitors)  # warm up, open sessions
@@ -261,6 +267,9 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=16, help="--cpu: datagrams per burst")
     parser.add_argument("--visitors", type=int, default=1, help="--cpu: source sockets")
     parser.add_argument("--runs", type=int, default=3, help="--cpu: runs (median kept)")
+    parser.add_argument("--coalesce-ms", type=float,
+                        help="weft's --udp-coalesce-ms (default: weft's own); WEFT_UDP_GSO=0 in "
+                        "the environment turns GSO off, to compare")
     parser.add_argument("--role", choices=("sink", "forwarder"), help=argparse.SUPPRESS)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,7 +277,7 @@ def main() -> int:
         _role_sink()
         return 0
     if args.role == "forwarder":
-        _role_forwarder(args.target)
+        _role_forwarder(args.target, args.coalesce_ms)
         return 0
     if args.cpu:
         runs = [cpu_bench(args) for _ in range(args.runs)]
@@ -307,13 +316,15 @@ def main() -> int:
                 node.stop()
 
         # Weft: visitor -> server -> WireGuard -> tunnel -> iperf3 on loopback.
-        server = start_server(lab, "--allow-ports", "1024-65535")
+        flags = [] if args.coalesce_ms is None else ["--udp-coalesce-ms", str(args.coalesce_ms)]
+        server = start_server(lab, "--allow-ports", "1024-65535", *flags)
         lab.tunnel.popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)],
                          name="iperf3-weft")
         tunnel = start_tunnel(
             lab, server.url(),
             f"tcp://127.0.0.1:{IPERF_PORT}", f"tcp://:{PUBLIC_PORT}",  # iperf3's control
             f"udp://127.0.0.1:{IPERF_PORT}", f"udp://:{PUBLIC_PORT}",  # the measured data
+            *flags,
         )
         # No probe connection here: iperf3 -s would take it for a test and reset the next one.
         pids = {"server": server.proc.pid, "tunnel": tunnel.pid}  # CPU per datagram in each

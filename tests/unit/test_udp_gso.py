@@ -1,4 +1,7 @@
-"""weft_udp.forwarder.gso_runs: which datagrams of one session one GSO send may carry (pure)."""
+"""weft_udp.forwarder.gso_runs: which datagrams of one session one GSO send may carry (pure).
+
+And the --udp-coalesce-ms option that goes with batched reads.
+"""
 
 from __future__ import annotations
 
@@ -49,3 +52,20 @@ def test_runs_respect_the_kernel_limits() -> None:
 
 def test_nothing_in_nothing_out() -> None:
     assert gso_runs([], 1472) == []
+
+
+def test_coalesce_option_is_milliseconds_from_0_to_100() -> None:
+    import argparse
+
+    import pytest
+
+    from weft_udp import _add_options
+
+    parser = argparse.ArgumentParser()
+    _add_options(parser, "tunnel")
+    assert parser.parse_args([]).udp_coalesce_ms == 1.0
+    assert parser.parse_args(["--udp-coalesce-ms", "0"]).udp_coalesce_ms == 0.0
+    assert parser.parse_args(["--udp-coalesce-ms", "2.5"]).udp_coalesce_ms == 2.5
+    for bad in ("-1", "101", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--udp-coalesce-ms", bad])

@@ -53,7 +53,7 @@ SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not
 
 # Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
 # instead of on every datagram (set from --udp-coalesce-ms; 0: never). See _on_readable.
-coalesce_delay = float(os.environ.get("WEFT_UDP_COALESCE_MS", "1")) / 1000
+coalesce_delay = 0.001
 
 # Sessions open in this process over every route, and the most there may be (set from
 # --udp-max-total-sessions): per-route caps alone would let many routes add up without bound.
