@@ -109,8 +109,10 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
             packets = max(1, runs[rate]["packets"])
             for name, pid in (pids or {}).items():
                 after = _cpu(pid)
-                runs[rate][f"{name}_cpu_us"] = round(
-                    (after[0] + after[1] - before[name][0] - before[name][1]) * 1e6 / packets, 2)
+                user = (after[0] - before[name][0]) * 1e6 / packets
+                system = (after[1] - before[name][1]) * 1e6 / packets
+                runs[rate][f"{name}_cpu_us"] = round(user + system, 2)
+                runs[rate][f"{name}_user_sys_us"] = (round(user, 2), round(system, 2))
                 runs[rate][f"{name}_per_wakeup"] = round(
                     packets / max(1, after[2] - before[name][2]), 1)
         print(f"  {host}:{port} {length} B at {rate}: {runs[rate]}", file=sys.stderr)
