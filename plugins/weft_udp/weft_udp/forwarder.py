@@ -13,8 +13,11 @@ towards the local service, replies find their way back to the right visitor with
 datagram crosses whole, as it was sent, and nothing crosses between visitors.
 
 The listening socket is read in batches straight from a reader callback (up to `BATCH` datagrams
-per wake-up into one shared buffer): that is the hot path of every route, and asyncio's datagram
-transport reads one datagram per loop iteration. Session sockets are asyncio-dgram streams
+per wake-up, back to back into one shared buffer): that is the hot path of every route, and
+asyncio's datagram transport reads one datagram per loop iteration. A batch is sent per session, in
+order, runs of same-size datagrams in one UDP GSO send (`gso_runs`, pure); under a steady stream
+the socket is read on a short timer instead of on every datagram (`_on_readable`), which cuts the
+wake-ups that cost more than the datagrams themselves. Session sockets are asyncio-dgram streams
 (`asyncio_dgram.from_socket`), one small task each awaiting replies; an ICMP error from the target
 (port unreachable while the service is down, ...) surfaces as an exception from `recv()`, which
 counts one dropped datagram and the session carries on.
