@@ -1,9 +1,14 @@
 """Peer isolation with a dedicated nftables table per WireGuard interface.
 
-Weft owns the whole table `inet weft_<ifname>`: each apply() replaces it in one `nft -f -`
-transaction (create-if-missing, delete, re-create), so there is never a moment with half the
-rules, and close() deletes it. Other tables are never touched. Drops in any base chain are
-final in nftables, so this works next to the host's own firewall.
+Weft owns the whole table `inet weft_<ifname>`: each apply() makes or replaces it in one
+`nft -f -` transaction, so there is never a moment with half the rules, and close() deletes it.
+Other tables are never touched. Drops in any base chain are final in nftables, so this works next
+to the host's own firewall.
+
+Each `nft` run costs more with every table on the host (nft 1.0 reads the whole ruleset first),
+and a transaction that deletes a table also waits for the kernel to retire it (~15 ms). So the
+first load creates the table (`create table` fails rather than merge if a leftover of that name
+exists; only then is it replaced), and the check that nft works looks up one table, not all.
 """
 
 from __future__ import annotations
@@ -37,17 +42,23 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         text=True,
         timeout=NFT_TIMEOUT,
         check=False,
-        env={k: v for k, v in os.environ.items() if k != "WEFT_SECRET"},
+        # LC_ALL=C: check_nftables reads nft's (libc's) error text.
+        env={**{k: v for k, v in os.environ.items() if k != "WEFT_SECRET"}, "LC_ALL": "C"},
     )
+
+
+# A table nobody makes: looking it up is one small netlink request, and the kernel checks
+# CAP_NET_ADMIN before it looks, so "no such table" proves nft may change the ruleset.
+_PROBE_TABLE = "weft_probe_nftables_access"
 
 
 def check_nftables() -> None:
     """Raise WeftError(MISSING_DEPENDENCY) unless `nft` exists and may change the ruleset."""
     try:
-        result = _nft(["list", "tables"])
+        result = _nft(["list", "table", "inet", _PROBE_TABLE])
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise WeftError(f"{_NFT_MISSING} ({exc})", ExitCode.MISSING_DEPENDENCY) from exc
-    if result.returncode != 0:
+    if result.returncode != 0 and "No such file or directory" not in result.stderr:
         detail = result.stderr.strip() or f"exit status {result.returncode}"
         raise WeftError(f"{_NFT_MISSING} ({detail})", ExitCode.MISSING_DEPENDENCY)
 
@@ -63,17 +74,25 @@ class _Isolation:
             raise ValueError(f"unsupported interface name for nftables: {ifname!r}")
         self.ifname = ifname
         self.table = table_name(ifname)
+        self._created = False  # whether a load of ours made the table
 
     def _input_rules(self) -> list[str]:
         raise NotImplementedError
 
-    def _ruleset(self) -> str:
+    def _ruleset(self, *, create: bool = False) -> str:
+        """The table's text: made afresh (fails if it exists), or replacing whatever is there."""
         ifname = f'"{self.ifname}"'
         input_rules = "\n".join(f"    {rule}" for rule in self._input_rules())
-        # The first two lines make "delete" succeed whether or not the table existed before.
-        return f"""table inet {self.table}
-delete table inet {self.table}
-table inet {self.table} {{
+        table = f"inet {self.table}"
+        # Creating: `create` fails if the table exists. (It is a line of its own: nft 1.0 ignores
+        # the block of a `create table X { ... }`, loading an empty table.) Replacing: the first
+        # two lines make "delete" succeed whether or not the table existed.
+        head = (
+            f"create table {table}\ntable {table} {{"
+            if create
+            else f"table {table}\ndelete table {table}\ntable {table} {{"
+        )
+        return f"""{head}
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname {ifname} ct state established,related accept
@@ -90,7 +109,12 @@ table inet {self.table} {{
 
     def _load(self) -> None:
         try:
-            result = _nft(["-f", "-"], stdin=self._ruleset())
+            result = None
+            if not self._created:
+                # Fails, changing nothing, if a leftover table has this name: replaced below.
+                result = _nft(["-f", "-"], stdin=self._ruleset(create=True))
+            if result is None or result.returncode != 0:
+                result = _nft(["-f", "-"], stdin=self._ruleset())
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise WeftError(f"cannot load nftables table {self.table}: {exc}") from exc
         if result.returncode != 0:
@@ -98,9 +122,11 @@ table inet {self.table} {{
                 f"cannot load nftables table {self.table}: {result.stderr.strip()}",
                 ExitCode.FAILURE,
             )
+        self._created = True
 
     def close(self) -> None:
         """Delete the table; quiet if it is already gone (or nft itself is)."""
+        self._created = False
         # "table X" first so the delete cannot fail on a missing table.
         with contextlib.suppress(OSError, subprocess.TimeoutExpired, WeftError):
             _nft(["-f", "-"], stdin=f"table inet {self.table}\ndelete table inet {self.table}\n")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 
+from weft_core import firewall
 from weft_core.errors import ExitCode, WeftError
 from weft_core.firewall import ServerIsolation, TunnelIsolation, table_name
 from weft_core.wireguard import AddressPool, PoolExhausted, backend, uapi
@@ -317,6 +320,70 @@ def test_tunnel_ruleset() -> None:
     assert "udp dport" not in rules
     with pytest.raises(ValueError):
         iso.apply({0}, set())
+
+
+class FakeNft:
+    """Stands in for `firewall._nft`: records each input, answers from a list of results."""
+
+    def __init__(self, *answers: tuple[int, str]) -> None:
+        self.inputs: list[str | None] = []
+        self.answers = list(answers)
+
+    def __call__(self, args: list[str], stdin: str | None = None) -> Any:
+        self.inputs.append(stdin if stdin is not None else " ".join(args))
+        code, stderr = self.answers.pop(0) if self.answers else (0, "")
+        return subprocess.CompletedProcess(["nft", *args], code, "", stderr)
+
+
+def test_first_load_creates_the_table_then_loads_replace_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nft = FakeNft()
+    monkeypatch.setattr(firewall, "_nft", nft)
+    iso = TunnelIsolation("weftt1", "10.1.0.1", "10.1.0.5")
+    iso.apply({8080}, set())
+    iso.apply({8080, 8081}, set())
+    assert len(nft.inputs) == 2
+    first, second = nft.inputs
+    # No delete in the first transaction: the kernel need not retire a table (~15 ms).
+    assert first is not None and first.startswith(
+        "create table inet weft_weftt1\ntable inet weft_weftt1 {\n  chain input {"
+    )
+    assert "delete" not in first and "tcp dport { 8080 } accept" in first
+    assert second is not None and second.startswith(
+        "table inet weft_weftt1\ndelete table inet weft_weftt1\ntable inet weft_weftt1 {"
+    )
+    assert "tcp dport { 8080, 8081 } accept" in second
+
+
+def test_a_leftover_table_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    nft = FakeNft((1, "Error: Could not process rule: File exists"), (0, ""))
+    monkeypatch.setattr(firewall, "_nft", nft)
+    ServerIsolation("wefts1").apply()
+    assert [text.split("\n")[1] for text in nft.inputs if text] == [
+        "table inet weft_wefts1 {",
+        "delete table inet weft_wefts1",
+    ]
+
+
+def test_a_failed_load_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    nft = FakeNft((1, "Error: syntax"), (1, "Error: syntax"))
+    monkeypatch.setattr(firewall, "_nft", nft)
+    with pytest.raises(WeftError, match="Error: syntax"):
+        ServerIsolation("wefts1").apply()
+
+
+def test_check_nftables_looks_up_one_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Allowed: the probe table does not exist (or, oddly, does).
+    for answer in ((1, "Error: No such file or directory\nlist table inet ..."), (0, "")):
+        nft = FakeNft(answer)
+        monkeypatch.setattr(firewall, "_nft", nft)
+        firewall.check_nftables()
+        assert nft.inputs == ["list table inet weft_probe_nftables_access"]
+    monkeypatch.setattr(firewall, "_nft", FakeNft((1, "Error: Operation not permitted")))
+    with pytest.raises(WeftError, match="Operation not permitted") as info:
+        firewall.check_nftables()
+    assert info.value.exit_code == ExitCode.MISSING_DEPENDENCY
 
 
 def test_firewall_rejects_odd_interface_names() -> None:
