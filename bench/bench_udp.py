@@ -128,19 +128,20 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
 LO = "127.0.0.1"
 
 
-def _role_sink() -> None:
-    """Count datagrams; after each quiet spell following traffic, print `count bytes`."""
+def _role_sink(echo: bool) -> None:
+    """Count datagrams (`echo`: send each back); after each quiet spell, print `count bytes`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((LO, 0))
     print(sock.getsockname()[1], flush=True)
     buf = bytearray(65535)
+    view = memoryview(buf)
     count = nbytes = 0
     reported = 0
     sock.settimeout(0.3)
     while True:
         try:
-            n = sock.recv_into(buf)
+            n, peer = sock.recvfrom_into(buf)
         except TimeoutError:
             if count != reported:
                 print(count, nbytes, flush=True)
@@ -148,6 +149,9 @@ def _role_sink() -> None:
             continue
         count += 1
         nbytes += n
+        if echo:
+            with contextlib.suppress(OSError):
+                sock.sendto(view[:n], peer)
 
 
 def _role_forwarder(target: int, coalesce_ms: float | None) -> None:
@@ -168,7 +172,7 @@ def _role_forwarder(target: int, coalesce_ms: float | None) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
         c = fwd.counters
-        print(json.dumps({"in": c.datagrams_in, "dropped": c.dropped,
+        print(json.dumps({"in": c.datagrams_in, "out": c.datagrams_out, "dropped": c.dropped,
                           "gso_sends": getattr(fwd, "gso_sends", None)}), flush=True)
         await fwd.close()
 
@@ -218,7 +222,8 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
     me = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), str(REPO / "plugins" / "weft_udp"), os.environ.get("PYTHONPATH", "")])}
-    sink = subprocess.Popen([*me, "--role", "sink"], stdout=subprocess.PIPE, text=True, env=env)
+    sink = subprocess.Popen([*me, "--role", "sink", *(["--echo"] if args.echo else [])],
+                            stdout=subprocess.PIPE, text=True, env=env)
     fwd = None
     try:
         assert sink.stdout is not None
@@ -269,6 +274,8 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=16, help="--cpu: datagrams per burst")
     parser.add_argument("--visitors", type=int, default=1, help="--cpu: source sockets")
     parser.add_argument("--runs", type=int, default=3, help="--cpu: runs (median kept)")
+    parser.add_argument("--echo", action="store_true",
+                        help="--cpu: the sink sends every datagram back (replies cross too)")
     parser.add_argument("--coalesce-ms", type=float,
                         help="weft's --udp-coalesce-ms (default: weft's own); WEFT_UDP_GSO=0 in "
                         "the environment turns GSO off, to compare")
@@ -276,7 +283,7 @@ def main() -> int:
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "sink":
-        _role_sink()
+        _role_sink(args.echo)
         return 0
     if args.role == "forwarder":
         _role_forwarder(args.target, args.coalesce_ms)
@@ -287,7 +294,8 @@ def main() -> int:
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                               for k, v in run.items()}), file=sys.stderr)
         median = sorted(runs, key=lambda r: r["us_per_datagram"])[len(runs) // 2]
-        print(f"forwarder CPU per datagram ({args.size} B, {args.visitors} visitor(s), rate "
+        print(f"forwarder CPU per datagram ({args.size} B, {args.visitors} visitor(s), "
+              f"{'echoed, ' if args.echo else ''}rate "
               f"{args.rate or 'flat out'}): median {median['us_per_datagram']:.2f} us "
               f"(user {median['user_us']:.2f}, sys {median['sys_us']:.2f}), "
               f"{median['datagrams_per_wakeup']:.1f} datagrams per wake-up, "

@@ -411,3 +411,53 @@ def test_a_burst_of_new_visitors_goes_out_a_batch_at_a_time() -> None:
         sink.close()
 
     run(main())
+
+
+def test_a_burst_of_replies_reaches_the_visitor_whole_and_in_order() -> None:
+    """Replies are read in batches and go back in GSO runs: same datagrams, same order."""
+
+    async def main() -> None:
+        sizes = [1200] * 80 + [600] + [1200] * 3 + [0, 1392, 1392, 1393, 1400, 30000] + [64] * 40
+        burst = [(b"%d|" % i + os.urandom(size))[:size] for i, size in enumerate(sizes)]
+        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        service.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        service.bind((LO, 0))
+        service.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def answer() -> None:
+            _, peer = service.recvfrom(100)
+            for payload in burst:  # all at once: the forwarder finds them queued
+                service.sendto(payload, peer)
+
+        loop.add_reader(service.fileno(), answer)
+        fwd = forwarder(service.getsockname())
+        await fwd.start()
+        visitor = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        visitor.bind((LO, 0))
+        visitor.setblocking(False)
+        got: list[bytes] = []
+
+        def read() -> None:
+            while True:
+                try:
+                    got.append(visitor.recv(65535))
+                except BlockingIOError:
+                    return
+
+        loop.add_reader(visitor.fileno(), read)
+        visitor.sendto(b"go", fwd.address)
+        await until(lambda: len(got) == len(burst))
+        assert [len(d) for d in got] == sizes
+        assert got == burst
+        assert fwd.gso_sends > 0
+        c = fwd.counters
+        assert (c.datagrams_out, c.bytes_out, c.dropped) == (len(sizes), sum(sizes), 0)
+        loop.remove_reader(visitor.fileno())
+        loop.remove_reader(service.fileno())
+        await fwd.close()
+        visitor.close()
+        service.close()
+
+    run(main())
