@@ -35,6 +35,8 @@ import attrs
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from inotify_limit import raised_inotify_limit  # noqa: E402
+
 from netns import Host, Lab, Proc, wait_tcp_port  # noqa: E402
 from weft_core.wireguard import generate_private_key, public_key  # noqa: E402
 from weftlab import SERVER_IP, WEFT, start_server, start_tunnel  # noqa: E402
@@ -311,36 +313,20 @@ def idle(lab: Lab, server_pid: int, tunnel_pid: int, s: TcpSettings) -> dict[str
     }
 
 
-def inotify_capped(wanted: int) -> int:
-    """Tunnels this machine can run: every wireguard-go takes an inotify instance, and
-    fs.inotify.max_user_instances (often 128) caps them for all of root's processes."""
-    try:
-        limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
-    except (OSError, ValueError):
-        return wanted
-    in_use = sum(
-        1 for fd in Path("/proc").glob("[0-9]*/fd/*") if _readlink(fd) == "anon_inode:inotify"
-    )
-    return max(1, min(wanted, limit - in_use - 4))
-
-
-def _readlink(path: Path) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
-
-
 def many_tunnels(lab: Lab, server_url: str, server_pid: int, s: TcpSettings) -> dict[str, Any]:
+    # Every wireguard-go takes an inotify instance: raised for this run if need be, then restored.
+    with raised_inotify_limit(s.tunnels, lambda message: log(f"tunnels: {message}")) as room:
+        return _many_tunnels(lab, server_url, server_pid, s, room)
+
+
+def _many_tunnels(
+    lab: Lab, server_url: str, server_pid: int, s: TcpSettings, room: int
+) -> dict[str, Any]:
     before = rss_mb(server_pid)
     wanted = s.tunnels
-    s = attrs.evolve(s, tunnels=inotify_capped(s.tunnels))
+    s = attrs.evolve(s, tunnels=room)
     if s.tunnels < wanted:
-        log(
-            f"tunnels: fs.inotify.max_user_instances leaves room for {s.tunnels} more "
-            f"wireguard-go processes, not {wanted}: running {s.tunnels} (raise it with "
-            f"sysctl fs.inotify.max_user_instances={wanted + 64} to run all)"
-        )
+        log(f"tunnels: running {s.tunnels} of {wanted} (inotify instances, see above)")
     per_host = -(-s.tunnels // s.tunnel_hosts)
     drivers: list[Proc] = []
     left = s.tunnels
