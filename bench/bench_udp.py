@@ -128,8 +128,8 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
 LO = "127.0.0.1"
 
 
-def _role_sink(echo: bool) -> None:
-    """Count datagrams (`echo`: send each back); after each quiet spell, print `count bytes`."""
+def _role_sink(echo: int) -> None:
+    """Count datagrams (and send each back `echo` times); print `count bytes` when quiet."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((LO, 0))
@@ -149,7 +149,7 @@ def _role_sink(echo: bool) -> None:
             continue
         count += 1
         nbytes += n
-        if echo:
+        for _ in range(echo):
             with contextlib.suppress(OSError):
                 sock.sendto(view[:n], peer)
 
@@ -222,7 +222,7 @@ def cpu_bench(args: argparse.Namespace) -> dict[str, Any]:
     me = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), str(REPO / "plugins" / "weft_udp"), os.environ.get("PYTHONPATH", "")])}
-    sink = subprocess.Popen([*me, "--role", "sink", *(["--echo"] if args.echo else [])],
+    sink = subprocess.Popen([*me, "--role", "sink", "--echo", str(args.echo)],
                             stdout=subprocess.PIPE, text=True, env=env)
     fwd = None
     try:
@@ -274,8 +274,9 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=16, help="--cpu: datagrams per burst")
     parser.add_argument("--visitors", type=int, default=1, help="--cpu: source sockets")
     parser.add_argument("--runs", type=int, default=3, help="--cpu: runs (median kept)")
-    parser.add_argument("--echo", action="store_true",
-                        help="--cpu: the sink sends every datagram back (replies cross too)")
+    parser.add_argument("--echo", type=int, default=0, metavar="K",
+                        help="--cpu: the sink sends every datagram back K times (replies cross "
+                        "too; CPU is then per datagram in, with its K replies)")
     parser.add_argument("--coalesce-ms", type=float,
                         help="weft's --udp-coalesce-ms (default: weft's own); WEFT_UDP_GSO=0 in "
                         "the environment turns GSO off, to compare")
@@ -295,7 +296,7 @@ def main() -> int:
                               for k, v in run.items()}), file=sys.stderr)
         median = sorted(runs, key=lambda r: r["us_per_datagram"])[len(runs) // 2]
         print(f"forwarder CPU per datagram ({args.size} B, {args.visitors} visitor(s), "
-              f"{'echoed, ' if args.echo else ''}rate "
+              f"{f'echoed x{args.echo}, ' if args.echo else ''}rate "
               f"{args.rate or 'flat out'}): median {median['us_per_datagram']:.2f} us "
               f"(user {median['user_us']:.2f}, sys {median['sys_us']:.2f}), "
               f"{median['datagrams_per_wakeup']:.1f} datagrams per wake-up, "

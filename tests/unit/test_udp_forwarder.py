@@ -414,7 +414,7 @@ def test_a_burst_of_new_visitors_goes_out_a_batch_at_a_time() -> None:
 
 
 def test_a_burst_of_replies_reaches_the_visitor_whole_and_in_order() -> None:
-    """Replies are read in batches and go back in GSO runs: same datagrams, same order."""
+    """A burst of replies, mixed sizes, queued at once: same datagrams, same order."""
 
     async def main() -> None:
         sizes = [1200] * 80 + [600] + [1200] * 3 + [0, 1392, 1392, 1393, 1400, 30000] + [64] * 40
@@ -451,7 +451,6 @@ def test_a_burst_of_replies_reaches_the_visitor_whole_and_in_order() -> None:
         await until(lambda: len(got) == len(burst))
         assert [len(d) for d in got] == sizes
         assert got == burst
-        assert fwd.gso_sends > 0
         c = fwd.counters
         assert (c.datagrams_out, c.bytes_out, c.dropped) == (len(sizes), sum(sizes), 0)
         loop.remove_reader(visitor.fileno())

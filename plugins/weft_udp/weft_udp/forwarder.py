@@ -17,10 +17,9 @@ per wake-up, back to back into one shared buffer): that is the hot path of every
 asyncio's datagram transport reads one datagram per loop iteration. A batch is sent per session, in
 order, runs of same-size datagrams in one UDP GSO send (`gso_runs`, pure); under a steady stream
 the socket is read on a short timer instead of on every datagram (`_on_readable`), which cuts the
-wake-ups that cost more than the datagrams themselves. Each session socket has a reader callback
-too, which reads its replies a batch at a time and sends them back to the peer the same way (GSO
-runs from the listening socket, to the peer's address); an ICMP error from the target (port
-unreachable while the service is down, ...) surfaces as an error from that socket's `recv`, which
+wake-ups that cost more than the datagrams themselves. Session sockets are asyncio-dgram streams
+(`asyncio_dgram.from_socket`), one small task each awaiting replies; an ICMP error from the target
+(port unreachable while the service is down, ...) surfaces as an exception from `recv()`, which
 counts one dropped datagram and the session carries on.
 
 Sessions live in a sans-IO `SessionTable`: LRU-capped and expired after an idle timeout, so a
@@ -38,8 +37,11 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+import asyncio_dgram
+
 from weft_core import ConnectionSummary, Counters, NetContext
 
+from .dgram import connected_stream
 from .sessions import SessionTable
 
 log = logging.getLogger("weft.udp")
@@ -49,7 +51,7 @@ Address = tuple[str, int]
 MAX_DATAGRAM = 65535  # the largest UDP payload is 65,507 (IPv4) / 65,527 (IPv6) bytes
 BATCH = 64  # datagrams read per wake-up of the listening socket
 LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (bursts of new visitors)
-SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions
+SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending ICMP errors
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
 
 # Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
@@ -71,11 +73,6 @@ _GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP
 _gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"
   # off once the kernel says it cannot
 _segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}  # segment size -> ancillary data
-# Replies go from the listening socket to many peers, whose path MTU it cannot ask: GSO segments
-# of replies stay within what a 1,420-byte MTU (WireGuard's) carries; a path that takes less
-# answers EMSGSIZE once and that session's replies go one by one.
-REPLY_MAX_SEGMENT = 1420 - 28
-REPLY_MAX_SEGMENT_V6 = 1420 - 48
 
 # The listening socket's datagrams of one wake-up go one after another into this buffer (shared:
 # reader callbacks run one at a time on the loop thread); a read always has a whole
@@ -126,14 +123,6 @@ def gso_runs(
     return runs
 
 
-def _cmsg(segment: int) -> list[tuple[int, int, bytes]]:
-    """The ancillary data of a GSO send of `segment`-byte datagrams."""
-    cmsg = _segment_cmsg.get(segment)
-    if cmsg is None:
-        cmsg = _segment_cmsg[segment] = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", segment))]
-    return cmsg
-
-
 def _max_segment(sock: socket.socket, family: int) -> int:
     """The largest datagram a GSO send on this connected socket may cut (path MTU - headers)."""
     if not _gso:
@@ -177,20 +166,24 @@ class _Session:
         "datagrams_out",
         "gso",
         "key",
-        "reply_gso",
+        "pumping",
         "sock",
         "started",
+        "stream",
+        "task",
     )
 
     def __init__(self, key: Address, sock: socket.socket, now: float) -> None:
         self.key = key
         self.sock = sock
+        self.stream: asyncio_dgram.aio.DatagramStream | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pumping = False  # the reply task has started (it then owns closing the socket)
         self.closed = False
         self.started = now
         self.bytes_in = self.bytes_out = 0
         self.datagrams_in = self.datagrams_out = 0
         self.gso = 0  # the largest datagram a GSO run towards the target may hold; 0: no GSO
-        self.reply_gso = 0  # the same for replies towards the peer
 
 
 class UdpForwarder:
@@ -386,7 +379,9 @@ class UdpForwarder:
         else:
             data = [view[items[i] : items[i] + items[i + 1]] for i in range(2 * start, 2 * stop, 2)]
         segment = items[2 * start + 1]
-        cmsg = _cmsg(segment)
+        cmsg = _segment_cmsg.get(segment)
+        if cmsg is None:
+            cmsg = _segment_cmsg[segment] = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", segment))]
         sock = session.sock
         for attempt in (0, 1):
             try:
@@ -466,108 +461,57 @@ class UdpForwarder:
             self.counters.failed += 1
             self._warn(f"cannot reach {peer_name(self.target)}: {exc.strerror}")
             return None
-        sock.setblocking(False)
         session = _Session(key, sock, now)
         session.gso = _max_segment(sock, sock.family)
-        if _gso:
-            session.reply_gso = REPLY_MAX_SEGMENT_V6 if ":" in key[0] else REPLY_MAX_SEGMENT
         for old_key, old in self.sessions.add(key, session, now):
             self._close_session(old, "evicted" if old_key != key else "replaced")
         self.counters.connections += 1
         self.counters.open += 1
         _open_sessions += 1
         assert self._loop is not None
-        self._loop.add_reader(sock.fileno(), self._read_replies, session)
+        session.task = self._loop.create_task(self._pump_replies(session))
         return session
 
     # --- target -> peer ----------------------------------------------------------------------
 
-    def _read_replies(self, session: _Session) -> None:
-        """Read a session's replies (a batch at most) and send them to its peer, in order.
-
-        An ICMP error for a datagram sent to the target (service down, unreachable) comes back as
-        an error from this socket: that datagram is lost, counted, and reading goes on.
-        """
-        loop = self._loop
-        assert loop is not None
-        recv = session.sock.recv_into
-        view = _view
-        sizes: list[int] = []
-        offset = 0
-        for _ in range(BATCH):
+    async def _pump_replies(self, session: _Session) -> None:
+        session.pumping = True
+        if session.closed:  # closed between creation and the first step
+            with contextlib.suppress(OSError):
+                session.sock.close()
+            return
+        stream = await connected_stream(session.sock)
+        session.stream = stream
+        if session.closed:
+            stream.close()
+            return
+        loop = asyncio.get_running_loop()
+        listen = self._listen
+        counters = self.counters
+        sessions = self.sessions
+        key = session.key
+        while True:
             try:
-                n = recv(view[offset:])
-            except (BlockingIOError, InterruptedError):
-                break
+                data, _ = await stream.recv()
+            except asyncio_dgram.TransportClosed:
+                return
             except OSError as exc:
-                if session.closed:  # closed by a callback of this very batch: nothing to read
-                    return
+                # ICMP error for a datagram we sent (target down, unreachable): it is lost.
                 self._target_error(exc)
                 continue
-            sizes.append(n)
-            offset += n
-            if offset > _BUFFER_SIZE:
-                break  # the rest on the next wake-up
-        if not sizes:
-            return
-        if self._target_failing:
-            self._target_answered()
-        key = session.key
-        sent = nbytes = offset = 0
-        if len(sizes) == 1 or not session.reply_gso or not _gso:
-            runs: list[tuple[int, int]] = [(i, i + 1) for i in range(len(sizes))]
-        else:
-            runs = gso_runs(sizes, session.reply_gso)
-        sendto = self._listen.sendto
-        for start, stop in runs:
-            size = sum(sizes[start:stop])
-            data = view[offset : offset + size]
-            offset += size
+            if self._target_failing:
+                self._target_answered()
             try:
-                if stop - start == 1:
-                    sendto(data, key)
-                else:
-                    self._listen.sendmsg([data], _cmsg(sizes[start]), 0, key)
-                    self.gso_sends += 1
-            except OSError as exc:  # full buffer, the peer went away, or GSO refused: UDP drops
-                gso_refused = exc.errno == errno.EMSGSIZE or exc.errno in _GSO_UNSUPPORTED
-                if gso_refused and stop - start > 1:
-                    self._reply_gso_failed(session, exc)
-                    ok, done = self._send_singly(data, sizes[start:stop], key)
-                    sent += ok
-                    nbytes += done
-                    continue
-                self.counters.dropped += stop - start
+                listen.sendto(data, key)
+            except OSError:  # full buffer, or the peer's address went away: UDP drops
+                counters.dropped += 1
                 continue
-            sent += stop - start
-            nbytes += size
-        if sent:
-            counters = self.counters
-            counters.datagrams_out += sent
-            counters.bytes_out += nbytes
-            session.datagrams_out += sent
-            session.bytes_out += nbytes
-            self.sessions.touch(key, loop.time())
-
-    def _send_singly(self, data: memoryview, sizes: list[int], key: Address) -> tuple[int, int]:
-        sent = nbytes = offset = 0
-        for n in sizes:
-            try:
-                self._listen.sendto(data[offset : offset + n], key)
-                sent += 1
-                nbytes += n
-            except OSError:
-                self.counters.dropped += 1
-            offset += n
-        return sent, nbytes
-
-    def _reply_gso_failed(self, session: _Session, exc: OSError) -> None:
-        global _gso
-        if exc.errno == errno.EMSGSIZE:  # the way to the peer takes less: it gets them singly
-            session.reply_gso = 0
-            return
-        _gso = False
-        log.info("%s: UDP GSO unavailable (%s): one datagram per send", self.name, exc.strerror)
+            n = len(data)
+            counters.datagrams_out += 1
+            counters.bytes_out += n
+            session.datagrams_out += 1
+            session.bytes_out += n
+            sessions.touch(key, loop.time())
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -578,10 +522,13 @@ class UdpForwarder:
         self.counters.open -= 1
         global _open_sessions
         _open_sessions -= 1
-        if self._loop is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(session.sock.fileno())
-        session.sock.close()
+        if session.stream is not None:
+            self._collect_errors(session.stream)
+            session.stream.close()  # the transport closes the socket
+        elif not session.pumping:
+            session.sock.close()  # the task never ran; it will see `closed` if it does
+        if session.task is not None and not session.task.done():
+            session.task.cancel()  # inside from_socket, cancelling closes the transport
         if self._on_close is not None and self._loop is not None:
             self._on_close(
                 ConnectionSummary(
@@ -599,12 +546,26 @@ class UdpForwarder:
         self._sweeper = self._loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Expire idle sessions."""
+        """Expire idle sessions; count ICMP errors no reply has collected yet."""
         assert self._loop is not None
         for _, session in self.sessions.expire(self._loop.time()):
             self._close_session(session, "idle timeout")
+        for key in self.sessions:
+            found = self.sessions.peek(key)
+            if found is not None and found.stream is not None:
+                self._collect_errors(found.stream)
         if not self._closed:
             self._schedule_sweep()
+
+    def _collect_errors(self, stream: asyncio_dgram.aio.DatagramStream) -> None:
+        """Count the errors asyncio-dgram holds for a stream (it raises them one per call)."""
+        while True:
+            try:
+                stream.exception  # noqa: B018 - raises the first unconsumed error, if any
+            except OSError as exc:
+                self._target_error(exc)
+                continue
+            return
 
     def _target_error(self, exc: OSError) -> None:
         """An ICMP error for a datagram we sent: that datagram is lost."""
@@ -640,5 +601,9 @@ class UdpForwarder:
                 self._loop.remove_reader(self._listen.fileno())
         with contextlib.suppress(OSError):
             self._listen.close()
-        for _, session in self.sessions.clear():
+        gone = self.sessions.clear()
+        for _, session in gone:
             self._close_session(session, "shutdown")
+        tasks = [s.task for _, s in gone if s.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
