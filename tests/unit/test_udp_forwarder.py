@@ -460,3 +460,62 @@ def test_a_burst_of_replies_reaches_the_visitor_whole_and_in_order() -> None:
         service.close()
 
     run(main())
+
+
+class _RefusingGso:
+    """A session socket whose kernel refuses GSO sends with `errno_` (all else goes through)."""
+
+    def __init__(self, sock: socket.socket, errno_: int) -> None:
+        self._sock = sock
+        self._errno = errno_
+        self.refused = 0
+
+    def sendmsg(self, *args: object) -> int:
+        self.refused += 1
+        raise OSError(self._errno, os.strerror(self._errno))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_a_refused_gso_send_falls_back_to_one_datagram_per_send() -> None:
+    """EINVAL and the like turn GSO off for the process; EMSGSIZE for the session only."""
+    import errno
+
+    import weft_udp.forwarder as module
+
+    async def main(code: int) -> tuple[bool, int, int]:
+        sink = Sink()
+        fwd = forwarder(sink.address)
+        await fwd.start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        sock.connect(fwd.address)
+        sock.send(b"open")
+        await until(lambda: sink.count() == 1)
+        (key,) = list(fwd.sessions)
+        session = fwd.sessions.peek(key)
+        assert session is not None and session.gso > 1400
+        fake = _RefusingGso(session.sock, code)
+        session.sock = fake  # type: ignore[assignment]
+        payloads = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(100)]
+        for payload in payloads:
+            sock.send(payload)
+        await until(lambda: sink.count() == 101)
+        assert list(sink.got.values()) == [[b"open", *payloads]]
+        assert fwd.counters.dropped == 0 and fwd.counters.datagrams_in == 101
+        session.sock = fake._sock
+        await fwd.close()
+        sock.close()
+        sink.close()
+        return module._gso, session.gso, fake.refused
+
+    saved = module._gso
+    try:
+        gso, session_gso, refused = asyncio.run(main(errno.EINVAL))
+        assert gso is False and refused == 1  # tried once, then off for the process
+        module._gso = True
+        gso, session_gso, refused = asyncio.run(main(errno.EMSGSIZE))
+        assert gso is True and session_gso == 0 and refused == 1  # off for that session only
+    finally:
+        module._gso = saved

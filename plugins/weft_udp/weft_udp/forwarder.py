@@ -351,11 +351,12 @@ class UdpForwarder:
             else:
                 sizes = items[1::2]
                 for start, stop in gso_runs(sizes, session.gso):
-                    if stop - start == 1:
-                        offset, n = items[2 * start], sizes[start]
-                        if self._send(sock, view[offset : offset + n]):
-                            sent += 1
-                            nbytes += n
+                    if stop - start == 1 or not _gso or not session.gso:  # or refused just now
+                        for i in range(2 * start, 2 * stop, 2):
+                            offset, n = items[i], items[i + 1]
+                            if self._send(sock, view[offset : offset + n]):
+                                sent += 1
+                                nbytes += n
                         continue
                     ok, size = self._send_run(session, items, start, stop)
                     sent += ok
