@@ -347,9 +347,12 @@ def _many_tunnels(
             )
         )
     started = time.monotonic()
+    machine_before, server_before = machine_cpu(), process_cpu_seconds(server_pid)
     for d in drivers:
         d.wait_for_line(r"^ALL READY", timeout=60 + 5 * per_host)
     total = time.monotonic() - started
+    machine_after, server_cpu = machine_cpu(), process_cpu_seconds(server_pid) - server_before
+    busy = (machine_after[0] - machine_before[0]) / max(1, machine_after[1] - machine_before[1])
     results = [
         json.loads(line[7:]) for d in drivers for line in d.lines() if line.startswith("RESULT ")
     ]
@@ -376,7 +379,8 @@ def _many_tunnels(
     )
     log(
         f"tunnels: {len(ok)}/{len(results)} ready in {total:.1f}s; p50 {p(0.5):.0f} ms "
-        f"p99 {p(0.99):.0f} ms; server rss {before:.1f} -> {rss:.1f} MB"
+        f"p99 {p(0.99):.0f} ms; server rss {before:.1f} -> {rss:.1f} MB; CPUs {busy:.0%} busy, "
+        f"the server process {server_cpu:.1f} s of CPU"
     )
     log(f"tunnels: median phases (ms) {_ms(phases)}")
     log(f"tunnels: median phases of the slowest 10% (ms) {_ms(tail_phases)}")
@@ -391,9 +395,25 @@ def _many_tunnels(
         "server_rss_mb": rss,
         "server_rss_before_mb": before,
         "total_seconds": total,
+        "cpu_busy": busy,  # all CPUs of the machine, while the tunnels started
+        "server_cpu_seconds": server_cpu,
         "median_phases_ms": {k: v * 1000 for k, v in phases.items()},
         "slowest_tenth_phases_ms": {k: v * 1000 for k, v in tail_phases.items()},
     }
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def process_cpu_seconds(pid: int) -> float:
+    # Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median_phases(results: list[dict[str, Any]]) -> dict[str, float]:
