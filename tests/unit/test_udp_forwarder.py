@@ -172,15 +172,22 @@ def test_cap_evicts_least_recently_used_and_bounds_sockets() -> None:
         busy = client()
         assert await exchange(busy, fwd.address, b"busy") == b"busy"
         before = open_fds()
+        # The last 10 visitors stay open: a new one cannot get the port (and so the session) of
+        # a visitor still in the table.
+        recent: list[socket.socket] = []
         for i in range(100):
             sock = client()
             assert await exchange(sock, fwd.address, b"%d" % i) == b"%d" % i
-            sock.close()
+            recent.append(sock)
+            if len(recent) > 10:
+                recent.pop(0).close()
             if i % 5 == 0:
                 assert await exchange(busy, fwd.address, b"busy") == b"busy"
             assert fwd.counters.open <= 10
         await asyncio.sleep(0)
-        assert open_fds() <= before + 10
+        assert open_fds() <= before + 10 + len(recent)
+        for sock in recent:
+            sock.close()
         busy_port = busy.getsockname()
         assert busy_port in {s.key for _, s in [(k, fwd.sessions.peek(k)) for k in fwd.sessions]
                              if s is not None}
@@ -519,3 +526,35 @@ def test_a_refused_gso_send_falls_back_to_one_datagram_per_send() -> None:
         assert gso is True and session_gso == 0 and refused == 1  # off for that session only
     finally:
         module._gso = saved
+
+
+def test_request_after_request_is_read_at_once_and_a_queue_on_a_timer() -> None:
+    """Coalescing starts only when datagrams are found queued: a ping-pong never waits for it."""
+
+    async def main() -> None:
+        transport, _ = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"))
+        await fwd.start()
+        sock = client()
+        for i in range(50):  # each waits for its answer: one datagram per wake-up
+            assert await exchange(sock, fwd.address, b"%d" % i) == b"%d" % i
+            assert fwd._coalesce is None  # still waking on each datagram
+        for i in range(10):  # a queue: the next reads wait for the timer
+            sock.sendto(b"q%d" % i, fwd.address)
+        for _ in range(1000):  # the timer read finds nothing and ends it within a millisecond
+            await asyncio.sleep(0)
+            if fwd._coalesce is not None:
+                break
+        assert fwd._coalesce is not None
+        await until(lambda: fwd.counters.datagrams_out == 60)  # ... and everything still crosses
+        loop = asyncio.get_running_loop()
+        assert [await loop.sock_recv(sock, 100) for _ in range(10)] == [
+            b"q%d" % i for i in range(10)
+        ]
+        await until(lambda: fwd._coalesce is None, timeout=2)  # quiet again: back to readiness
+        assert await exchange(sock, fwd.address, b"again") == b"again"
+        await fwd.close()
+        transport.close()
+        sock.close()
+
+    run(main())

@@ -220,7 +220,6 @@ class UdpForwarder:
         self._warned: set[str] = set()
         self._target_failing = False
         self._coalesce: asyncio.TimerHandle | None = None
-        self._last_wakeup = 0.0
         self.gso_sends = 0  # GSO sends that carried a run of datagrams (for tests and benches)
 
     @property
@@ -244,22 +243,20 @@ class UdpForwarder:
 
         Each wake-up of the loop costs more than relaying a datagram (epoll, the loop's own work,
         the read that finds the socket empty), and under a steady stream wake-ups come one or two
-        datagrams apart. So when a wake-up finds several datagrams queued, or comes within
-        `coalesce_delay` of the previous one, the socket is left alone for `coalesce_delay` and
-        then read as one batch (and GSO runs). A timer read that finds fewer than two datagrams
-        goes back to waking on every datagram, and so does one that fills a whole batch: a
-        backlog is drained a batch per loop iteration as before, so what goes out at once is
-        never more than one batch (downstream buffers, WireGuard's 208 KiB among them, take
-        that). A lone request (DNS, a game tick) is read at once; a stream waits at most
-        `coalesce_delay` more.
+        datagrams apart. So when a wake-up finds two or more datagrams already queued, the socket is
+        left alone for `coalesce_delay` and then read as one batch (and GSO runs). A timer read that
+        finds fewer than two datagrams goes back to waking on every datagram, and so does one that
+        fills a whole batch: a backlog is drained a batch per loop iteration as before, so what goes
+        out at once is never more than one batch (downstream buffers, WireGuard's 208 KiB among
+        them, take that). A lone datagram, and request after request each waiting for its answer (a
+        DNS client, a ping), never find a queue and are read at once; a stream waits at most
+        `coalesce_delay` more. (Coalescing also when wake-ups merely came close together made such
+        request/response exchanges wait: p90 round trip 84 µs -> 1.3 ms on loopback.)
         """
         loop = self._loop
         assert loop is not None
-        now = loop.time()
-        close = now - self._last_wakeup < coalesce_delay
-        self._last_wakeup = now
         got = self._read_listen()
-        if (got >= 2 or close) and got < BATCH and coalesce_delay > 0 and not self._closed:
+        if 2 <= got < BATCH and coalesce_delay > 0 and not self._closed:
             loop.remove_reader(self._listen.fileno())
             self._coalesce = loop.call_later(coalesce_delay, self._on_timer)
 
@@ -273,7 +270,6 @@ class UdpForwarder:
         if 2 <= got < BATCH:
             self._coalesce = loop.call_later(coalesce_delay, self._on_timer)
         else:
-            self._last_wakeup = 0.0 if got < 2 else loop.time()
             loop.add_reader(self._listen.fileno(), self._on_readable)
 
     # --- peers -> target (the hot path) ------------------------------------------------------
