@@ -370,6 +370,7 @@ def _many_tunnels(
     tail_phases = median_phases(slow)
     if os.environ.get("WEFT_BENCH_SAMPLES"):
         Path(os.environ["WEFT_BENCH_SAMPLES"]).write_text(json.dumps(results))
+    drivers_cpu = sum(process_cpu_seconds(d.pid) for d in drivers)
     for d in drivers:
         d.terminate(40)
     p = (
@@ -380,7 +381,7 @@ def _many_tunnels(
     log(
         f"tunnels: {len(ok)}/{len(results)} ready in {total:.1f}s; p50 {p(0.5):.0f} ms "
         f"p99 {p(0.99):.0f} ms; server rss {before:.1f} -> {rss:.1f} MB; CPUs {busy:.0%} busy, "
-        f"the server process {server_cpu:.1f} s of CPU"
+        f"the server process {server_cpu:.1f} s of CPU, the tunnel hosts' {drivers_cpu:.1f} s"
     )
     log(f"tunnels: median phases (ms) {_ms(phases)}")
     log(f"tunnels: median phases of the slowest 10% (ms) {_ms(tail_phases)}")
@@ -397,6 +398,7 @@ def _many_tunnels(
         "total_seconds": total,
         "cpu_busy": busy,  # all CPUs of the machine, while the tunnels started
         "server_cpu_seconds": server_cpu,
+        "tunnel_hosts_cpu_seconds": drivers_cpu,  # their weft processes (not wireguard-go)
         "median_phases_ms": {k: v * 1000 for k, v in phases.items()},
         "slowest_tenth_phases_ms": {k: v * 1000 for k, v in tail_phases.items()},
     }

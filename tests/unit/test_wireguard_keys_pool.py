@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import shutil
 import subprocess
 import time
 from ipaddress import IPv4Address
@@ -13,7 +15,7 @@ import pytest
 from weft_core import firewall
 from weft_core.errors import ExitCode, WeftError
 from weft_core.firewall import ServerIsolation, TunnelIsolation, table_name
-from weft_core.wireguard import AddressPool, PoolExhausted, backend, uapi
+from weft_core.wireguard import AddressPool, PoolExhausted, backend, uapi, wggo
 from weft_core.wireguard.keys import (
     generate_private_key,
     hex_to_key,
@@ -390,3 +392,29 @@ def test_firewall_rejects_odd_interface_names() -> None:
     with pytest.raises(ValueError):
         ServerIsolation('x" drop; flush ruleset; "')
     assert table_name("wg.0-a") == "weft_wg_0_a"
+
+
+# --- starting wireguard-go ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(wggo._setpriv_with_pdeathsig() is None, reason="no setpriv --pdeathsig")
+def test_wireguard_go_is_started_without_a_preexec_fn_and_only_while_weft_lives() -> None:
+    echo = shutil.which("echo")
+    assert echo is not None
+    args, preexec_fn = wggo.launch_args(echo, "weftt1234", os.getpid())
+    assert preexec_fn is None  # so Python can vfork() instead of copying the whole process
+    assert args[:4] == [wggo._setpriv_with_pdeathsig(), "--pdeathsig", "TERM", "--"]
+    # Run as it is, with `echo` for wireguard-go: it starts while we are the parent ...
+    assert subprocess.run(args, capture_output=True, text=True).stdout == "-f weftt1234\n"
+    # ... and not when its parent is not the process that asked for it (that one died before
+    # the parent-death signal was set: nothing would ever stop the child).
+    args, _ = wggo.launch_args(echo, "weftt1234", os.getpid() + 1)
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (1, "")
+
+
+def test_wireguard_go_start_falls_back_to_a_preexec_fn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wggo, "_setpriv_with_pdeathsig", lambda: None)
+    args, preexec_fn = wggo.launch_args("/usr/bin/wireguard-go", "weftt1234", os.getpid())
+    assert args == ["/usr/bin/wireguard-go", "-f", "weftt1234"]
+    assert preexec_fn is not None
