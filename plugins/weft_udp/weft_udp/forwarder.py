@@ -333,28 +333,18 @@ class UdpForwarder:
 
     def _flush(self, pending: dict[_Session, list[int]]) -> None:
         """Send each session's datagrams of this batch, in order; count them per batch."""
-        view = _view
         counters = self.counters
         for session, items in pending.items():
-            sock = session.sock
-            sent = nbytes = 0
-            if len(items) == 2 or not session.gso or not _gso:
-                for i in range(0, len(items), 2):
-                    offset, n = items[i], items[i + 1]
-                    if self._send(sock, view[offset : offset + n]):
-                        sent += 1
-                        nbytes += n
+            gso = session.gso if _gso else 0
+            if len(items) == 2 or not gso or min(items[1::2]) > gso:
+                sent, nbytes = self._send_each(session.sock, items, 0, len(items))
             else:
-                sizes = items[1::2]
-                for start, stop in gso_runs(sizes, session.gso):
+                sent = nbytes = 0
+                for start, stop in gso_runs(items[1::2], gso):
                     if stop - start == 1 or not _gso or not session.gso:  # or refused just now
-                        for i in range(2 * start, 2 * stop, 2):
-                            offset, n = items[i], items[i + 1]
-                            if self._send(sock, view[offset : offset + n]):
-                                sent += 1
-                                nbytes += n
-                        continue
-                    ok, size = self._send_run(session, items, start, stop)
+                        ok, size = self._send_each(session.sock, items, 2 * start, 2 * stop)
+                    else:
+                        ok, size = self._send_run(session, items, start, stop)
                     sent += ok
                     nbytes += size
             if sent:
@@ -362,6 +352,24 @@ class UdpForwarder:
                 counters.bytes_in += nbytes
                 session.datagrams_in += sent
                 session.bytes_in += nbytes
+
+    def _send_each(
+        self, sock: socket.socket, items: list[int], first: int, last: int
+    ) -> tuple[int, int]:
+        """Send datagrams `items[first:last]` ((offset, size) pairs) one by one; (sent, bytes)."""
+        view = _view
+        send = sock.send
+        sent = nbytes = 0
+        for i in range(first, last, 2):
+            offset, n = items[i], items[i + 1]
+            try:
+                send(view[offset : offset + n])
+            except OSError as exc:
+                if not self._send_failed(sock, view[offset : offset + n], exc):
+                    continue
+            sent += 1
+            nbytes += n
+        return sent, nbytes
 
     def _send_run(
         self, session: _Session, items: list[int], start: int, stop: int
@@ -398,13 +406,7 @@ class UdpForwarder:
                 self.counters.dropped += stop - start
                 self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
                 return 0, 0
-        sent = nbytes = 0  # GSO is off now: one datagram at a time
-        for i in range(2 * start, 2 * stop, 2):
-            offset, n = items[i], items[i + 1]
-            if self._send(sock, view[offset : offset + n]):
-                sent += 1
-                nbytes += n
-        return sent, nbytes
+        return self._send_each(sock, items, 2 * start, 2 * stop)  # GSO is off now: one by one
 
     def _gso_failed(self, session: _Session, exc: OSError) -> None:
         global _gso
@@ -419,17 +421,21 @@ class UdpForwarder:
         try:
             sock.send(data)
             return True
-        except (BlockingIOError, InterruptedError):
+        except OSError as exc:
+            return self._send_failed(sock, data, exc)
+
+    def _send_failed(self, sock: socket.socket, data: memoryview, exc: OSError) -> bool:
+        """A send of `data` failed with `exc`: count the drop; resend once after an ICMP error."""
+        if isinstance(exc, (BlockingIOError, InterruptedError)):
             self.counters.dropped += 1  # the socket buffer is full: UDP drops, so do we
             return False
-        except OSError as exc:
-            if exc.errno not in _ICMP_ERRORS:
-                self.counters.dropped += 1
-                self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
-                return False
-            # An earlier datagram came back as an ICMP error (that one is lost: count it); the
-            # error is now cleared, so this one may well go through (the target is back up).
-            self._target_error(exc)
+        if exc.errno not in _ICMP_ERRORS:
+            self.counters.dropped += 1
+            self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
+            return False
+        # An earlier datagram came back as an ICMP error (that one is lost: count it); the error
+        # is now cleared, so this one may well go through (the target is back up).
+        self._target_error(exc)
         try:
             sock.send(data)
             return True
