@@ -100,12 +100,16 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
     """The best of iperf3 runs at `rates`; with `pids`, each run's CPU per datagram in those."""
     runs: dict[str, Any] = {}
     for rate in rates:
-        before = {name: _cpu(pid) for name, pid in (pids or {}).items()}
-        try:
-            runs[rate] = iperf(client, host, port, seconds, length, rate)
-        except (RuntimeError, ValueError, KeyError) as exc:  # one overloaded run: keep the rest
-            runs[rate] = {"error": str(exc)}
-        else:
+        # An overloaded run can fail once ("unable to read from stream socket"): run it again,
+        # and if it fails twice keep the other rates' figures.
+        for attempt in (1, 2):
+            before = {name: _cpu(pid) for name, pid in (pids or {}).items()}
+            try:
+                runs[rate] = iperf(client, host, port, seconds, length, rate)
+                break
+            except (RuntimeError, ValueError, KeyError) as exc:
+                runs[rate] = {"error": str(exc), "attempts": attempt}
+        if "error" not in runs[rate]:
             packets = max(1, runs[rate]["packets"])
             for name, pid in (pids or {}).items():
                 after = _cpu(pid)

@@ -48,7 +48,9 @@ def test_bench_quick_prints_every_scenario_with_figure_and_ratio() -> None:
         matching = [r for scenario, r in rows.items() if name in scenario]
         assert matching, f"no row for {name!r} in:\n{table}\n{result.stderr[-3000:]}"
         for row in matching:
-            assert isinstance(row["weft"], float | int), (name, row, data.get(row["scenario"]))
+            # A missing figure: show what the scenario's own JSON says (e.g. data["udp"]["error"]).
+            detail = {k: v for k, v in data.items() if k not in ("rows", "settings")}
+            assert isinstance(row["weft"], float | int), (name, row, detail, result.stderr[-3000:])
             assert isinstance(row["ratio"], float | int), (name, row)
             assert row["scenario"] in table
     assert data["load_before"] and data["load_after"]
