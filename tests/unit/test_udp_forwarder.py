@@ -8,6 +8,7 @@ import select
 import socket
 from collections.abc import Callable
 
+import weft_udp.forwarder as forwarder_module
 from weft_core import HOST_NET, ConnectionSummary
 from weft_udp.forwarder import UdpForwarder
 
@@ -240,7 +241,9 @@ def test_an_icmp_error_met_on_send_counts_one_drop_and_still_sends() -> None:
         sock.send(b"lost")  # nothing listens: an ICMP port unreachable comes back
         await until(lambda: bool(select.select([sock], [], [], 0)[0]))  # the error is pending
         transport, echo = await start_echo(port)  # the service is back
-        assert fwd._send(sock, memoryview(b"again")) is True  # the error is met, then it goes
+        # The send path of a batch: datagram (offset 0, size 5) of the shared buffer.
+        forwarder_module._view[:5] = b"again"
+        assert fwd._send_each(sock, [0, 5], 0, 2) == (1, 5)  # the error is met, then it goes
         assert fwd.counters.dropped == 1
         await until(lambda: len(echo.peers) == 1)
         transport.close()

@@ -18,7 +18,7 @@ asyncio's datagram transport reads one datagram per loop iteration. A batch is s
 order, runs of same-size datagrams in one UDP GSO send (`gso_runs`, pure); under a steady stream
 the socket is read on a short timer instead of on every datagram (`_on_readable`), which cuts the
 wake-ups that cost more than the datagrams themselves. Session sockets are asyncio-dgram streams
-(`asyncio_dgram.from_socket`), one small task each awaiting replies; an ICMP error from the target
+(`dgram.connected_stream`), one small task each awaiting replies; an ICMP error from the target
 (port unreachable while the service is down, ...) surfaces as an exception from `recv()`, which
 counts one dropped datagram and the session carries on.
 
@@ -70,8 +70,7 @@ UDP_SEGMENT = 103
 GSO_MAX_SEGMENTS = 64  # the kernel takes 64 (128 since 6.9): 64 works everywhere
 GSO_MAX_BYTES = 64_000  # payload of one send; the kernel's own cap is a little over 65,000
 _GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
-_gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"
-  # off once the kernel says it cannot
+_gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"  # and off once the kernel says it cannot
 _segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}  # segment size -> ancillary data
 
 # The listening socket's datagrams of one wake-up go one after another into this buffer (shared:
@@ -123,12 +122,12 @@ def gso_runs(
     return runs
 
 
-def _max_segment(sock: socket.socket, family: int) -> int:
+def _max_segment(sock: socket.socket) -> int:
     """The largest datagram a GSO send on this connected socket may cut (path MTU - headers)."""
     if not _gso:
         return 0
     try:
-        if family == socket.AF_INET6:
+        if sock.family == socket.AF_INET6:
             mtu = sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
             return max(0, mtu - 48)
         mtu = sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU", 14))
@@ -416,14 +415,6 @@ class UdpForwarder:
         _gso = False
         log.info("%s: UDP GSO unavailable (%s): one datagram per send", self.name, exc.strerror)
 
-    def _send(self, sock: socket.socket, data: memoryview) -> bool:
-        """Send one datagram to the target; count a drop (or two) when it cannot go."""
-        try:
-            sock.send(data)
-            return True
-        except OSError as exc:
-            return self._send_failed(sock, data, exc)
-
     def _send_failed(self, sock: socket.socket, data: memoryview, exc: OSError) -> bool:
         """A send of `data` failed with `exc`: count the drop; resend once after an ICMP error."""
         if isinstance(exc, (BlockingIOError, InterruptedError)):
@@ -465,7 +456,7 @@ class UdpForwarder:
             self._warn(f"cannot reach {peer_name(self.target)}: {exc.strerror}")
             return None
         session = _Session(key, sock, now)
-        session.gso = _max_segment(sock, sock.family)
+        session.gso = _max_segment(sock)
         for old_key, old in self.sessions.add(key, session, now):
             self._close_session(old, "evicted" if old_key != key else "replaced")
         self.counters.connections += 1
@@ -531,7 +522,7 @@ class UdpForwarder:
         elif not session.pumping:
             session.sock.close()  # the task never ran; it will see `closed` if it does
         if session.task is not None and not session.task.done():
-            session.task.cancel()  # inside from_socket, cancelling closes the transport
+            session.task.cancel()  # inside connected_stream, cancelling closes the transport
         if self._on_close is not None and self._loop is not None:
             self._on_close(
                 ConnectionSummary(
