@@ -62,13 +62,13 @@ def hot_frames(raw: Path, top: int) -> list[tuple[float, str]]:
 def _received_bytes(output: str) -> float:
     """Bytes the iperf3 receiver got, from the client's summary (`... receiver` line)."""
     units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
-    for line in output.splitlines():
-        if (line.rstrip().endswith("receiver") and "[SUM]" in line) or (
-            line.rstrip().endswith("receiver") and "[  5]" in line
-        ):
-            parts = line.split()
-            i = next(j for j, p in enumerate(parts) if p.endswith("Bytes"))
-            return float(parts[i - 1]) * units[parts[i][0] if parts[i][0] in "KMG" else ""]
+    receiver = [line for line in output.splitlines() if line.rstrip().endswith("receiver")]
+    # With -P N the per-stream lines come first: the [SUM] line is the total. One stream: no SUM.
+    totals = [line for line in receiver if "[SUM]" in line] or receiver[:1]
+    for line in totals:
+        parts = line.split()
+        i = next(j for j, p in enumerate(parts) if p.endswith("Bytes"))
+        return float(parts[i - 1]) * units[parts[i][0] if parts[i][0] in "KMG" else ""]
     return 0.0
 
 
@@ -132,7 +132,9 @@ def main() -> int:
         elapsed = time.monotonic() - started
         after = {k: cpu_seconds(p) for k, p in pids.items() if Path(f"/proc/{p}").exists()}
         client.wait(60)
-        relayed = _received_bytes(client.output())
+        # CPU was read over the profile's window only: count the bytes of that window too (the
+        # run's average rate; iperf3 ran `seconds + 2` in all).
+        relayed = _received_bytes(client.output()) * elapsed / (args.seconds + 2)
     weft_cpu = sum(after[k] - before[k] for k in after if ":weft:" in k or k.endswith("python"))
     print(
         f"relayed {relayed / 1e9:.2f} GB; weft server+tunnel CPU "
