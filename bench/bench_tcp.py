@@ -412,10 +412,16 @@ def machine_cpu() -> tuple[int, int]:
     return total - idle, total
 
 
-def process_cpu_seconds(pid: int) -> float:
+def process_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far (the one reader of /proc/PID/stat here)."""
     # Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
     after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(after_name[11]) / tick, int(after_name[12]) / tick
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return sum(process_times(pid))
 
 
 def median_phases(results: list[dict[str, Any]]) -> dict[str, float]:

@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from bench_tcp import WgNode  # noqa: E402  (the bare WireGuard baseline, shared)
+from bench_tcp import WgNode, process_times  # noqa: E402  (bare WireGuard baseline, shared)
 
 from netns import Host, Lab, wait_tcp_port  # noqa: E402
 from weft_core.wireguard import generate_private_key, public_key  # noqa: E402
@@ -189,13 +189,12 @@ def _role_forwarder(target: int, coalesce_ms: float | None) -> None:
 
 def _cpu(pid: int) -> tuple[float, float, int]:
     """utime, stime (seconds) and voluntary context switches of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
+    user, system = process_times(pid)
     switches = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("voluntary_ctxt_switches:"):
             switches = int(line.split()[1])
-    return int(fields[11]) / tick, int(fields[12]) / tick, switches
+    return user, system, switches
 
 
 def _blast(port: int, count: int, size: int, rate: float, burst: int, visitors: int) -> None:

@@ -22,15 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tcp import IPERF_PORT, PUBLIC_BULK, wait_tcp_port
+from bench_tcp import IPERF_PORT, PUBLIC_BULK, process_cpu_seconds, wait_tcp_port
 
 from netns import Host, Lab
 from weftlab import SERVER_IP, start_server, start_tunnel
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def data_path_pids(hosts: list[Host]) -> dict[str, int]:
@@ -103,7 +98,7 @@ def main() -> int:
         )
         time.sleep(1)
         pids = data_path_pids([lab.server, lab.tunnel, lab.visitor])
-        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        before = {k: process_cpu_seconds(p) for k, p in pids.items()}
         spies = {
             name: subprocess.Popen(
                 [
@@ -130,7 +125,7 @@ def main() -> int:
         for spy in spies.values():
             spy.wait(args.seconds + 30)
         elapsed = time.monotonic() - started
-        after = {k: cpu_seconds(p) for k, p in pids.items() if Path(f"/proc/{p}").exists()}
+        after = {k: process_cpu_seconds(p) for k, p in pids.items() if Path(f"/proc/{p}").exists()}
         client.wait(60)
         # CPU was read over the profile's window only: count the bytes of that window too (the
         # run's average rate; iperf3 ran `seconds + 2` in all).
