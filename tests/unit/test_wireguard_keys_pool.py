@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -418,3 +421,50 @@ def test_wireguard_go_start_falls_back_to_a_preexec_fn(monkeypatch: pytest.Monke
     args, preexec_fn = wggo.launch_args("/usr/bin/wireguard-go", "weftt1234", os.getpid())
     assert args == ["/usr/bin/wireguard-go", "-f", "weftt1234"]
     assert preexec_fn is not None
+
+
+@pytest.mark.skipif(wggo._setpriv_with_pdeathsig() is None, reason="no setpriv --pdeathsig")
+def test_wireguard_go_started_this_way_ends_when_weft_is_killed(tmp_path: Path) -> None:
+    """The point of the parent-death signal: a SIGKILLed weft leaves no wireguard-go behind."""
+    fake = tmp_path / "wireguard-go"  # stands in for wireguard-go: runs until signalled
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "from weft_core.wireguard import wggo\n"
+        f"args, preexec_fn = wggo.launch_args({str(fake)!r}, 'weftt1234', os.getpid())\n"
+        "child = subprocess.Popen(args, preexec_fn=preexec_fn, start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+
+        def running(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            return state != "Z"  # a zombie has ended; only its reaping is left
+
+        deadline = time.monotonic() + 10
+        while not running(child) or b"sleep" not in Path(f"/proc/{child}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in wireguard-go never started"
+            time.sleep(0.01)
+        parent.kill()
+        parent.wait(5)
+        deadline = time.monotonic() + 10
+        while running(child):
+            assert time.monotonic() < deadline, "wireguard-go outlived a SIGKILLed weft"
+            time.sleep(0.01)
+    finally:
+        parent.kill()
+        parent.wait(5)
+        if child:
+            with contextlib.suppress(OSError):
+                os.kill(child, 9)
