@@ -107,7 +107,7 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
             try:
                 runs[rate] = iperf(client, host, port, seconds, length, rate)
                 break
-            except (RuntimeError, ValueError, KeyError) as exc:
+            except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
                 runs[rate] = {"error": str(exc), "attempts": attempt}
         if "error" not in runs[rate]:
             packets = max(1, runs[rate]["packets"])
@@ -125,6 +125,14 @@ def best(client: Host, host: str, port: int, seconds: float, length: int,
         raise RuntimeError(f"every iperf3 run failed: {runs}")
     rate, figures = max(good.items(), key=lambda item: item[1][key])
     return {**figures, "rate": rate, "runs": runs}
+
+
+def best_or_error(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`best`, or {"error": ...} when every run failed: the other figures are still reported."""
+    try:
+        return best(*args, **kwargs)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
 
 
 # --- loopback CPU micro-bench (--cpu) -------------------------------------------------------
@@ -322,8 +330,8 @@ def main() -> int:
             results["bare"] = {
                 "throughput": best(lab.server, BARE_TUNNEL, IPERF_PORT, args.seconds, 1400,
                                    THROUGHPUT_RATES, "mbit_s"),
-                "small": best(lab.server, BARE_TUNNEL, IPERF_PORT, args.seconds, 64,
-                              PPS_RATES, "pps"),
+                "small": best_or_error(lab.server, BARE_TUNNEL, IPERF_PORT, args.seconds, 64,
+                                       PPS_RATES, "pps"),
             }
         finally:
             for node in nodes:
@@ -345,15 +353,16 @@ def main() -> int:
         results["weft"] = {
             "throughput": best(lab.visitor, SERVER_IP, PUBLIC_PORT, args.seconds, 1400,
                                THROUGHPUT_RATES, "mbit_s", pids),
-            "small": best(lab.visitor, SERVER_IP, PUBLIC_PORT, args.seconds, 64,
-                          PPS_RATES, "pps", pids),
+            "small": best_or_error(lab.visitor, SERVER_IP, PUBLIC_PORT, args.seconds, 64,
+                                   PPS_RATES, "pps", pids),
         }
 
     results["loadavg_after"] = os.getloadavg()
     bare, weft = results["bare"], results["weft"]
     results["ratios"] = {
         "throughput": weft["throughput"]["mbit_s"] / bare["throughput"]["mbit_s"],
-        "small_pps": weft["small"]["pps"] / bare["small"]["pps"],
+        "small_pps": (weft["small"]["pps"] / bare["small"]["pps"]
+                      if "pps" in weft["small"] and "pps" in bare["small"] else None),
     }
     if args.json:
         print(json.dumps(results, indent=2))
@@ -362,8 +371,11 @@ def main() -> int:
     print(f"{'':28} {'bare WireGuard':>16} {'through Weft':>16} {'ratio':>8}")
     print(f"{'throughput, 1400 B (Mbit/s)':28} {bare['throughput']['mbit_s']:>16.0f} "
           f"{weft['throughput']['mbit_s']:>16.0f} {results['ratios']['throughput']:>8.0%}")
-    print(f"{'small, 64 B (packets/s)':28} {bare['small']['pps']:>16.0f} "
-          f"{weft['small']['pps']:>16.0f} {results['ratios']['small_pps']:>8.0%}")
+    if results["ratios"]["small_pps"] is not None:
+        print(f"{'small, 64 B (packets/s)':28} {bare['small']['pps']:>16.0f} "
+              f"{weft['small']['pps']:>16.0f} {results['ratios']['small_pps']:>8.0%}")
+    else:
+        print(f"{'small, 64 B (packets/s)':28} every run failed: see the JSON")
     print(f"{'  loss at best rate':28} {bare['throughput']['lost_percent']:>15.1f}% "
           f"{weft['throughput']['lost_percent']:>15.1f}%")
     top = weft["throughput"]
