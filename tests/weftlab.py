@@ -36,6 +36,7 @@ def start_server(
     host: Host | None = None,
     name: str = "server",
     timeout: float = 20.0,
+    bind_ip: str = SERVER_IP,
 ) -> ServerProc:
     """Start `weft server` on the lab's server host and wait until it accepts tunnels."""
     state = state_dir or Path(tempfile.mkdtemp(prefix="weft-state-"))
@@ -44,7 +45,7 @@ def start_server(
         WEFT,
         "server",
         "--bind-ips",
-        SERVER_IP,
+        bind_ip,
         "--state-dir",
         str(state),
         "--secret-file",

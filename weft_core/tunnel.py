@@ -30,12 +30,14 @@ from .settings import TunnelSettings
 from .urls import RouteUrl, format_host_port, parse_route_url
 from .wireguard import Peer, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
+from .wireguard.links import is_local_address
 
 log = logging.getLogger("weft.tunnel")
 
 HANDSHAKE_TIMEOUT = 10.0
 ROUTE_TIMEOUT = 150.0  # POST /routes may wait for an ACME order on the server
 RULE_PRIORITY = 5000
+MAX_AVOID = 16  # addresses /connect may be asked to pass over (the server's limit too)
 
 
 class RouteRefused(WeftError):
@@ -138,16 +140,40 @@ class Tunnel:
             telemetry.record_event("login", result="refused", tunnel=self.name)
             raise
         telemetry.record_event("login", result="accepted", tunnel=self.name)
-        answer: dict[str, Any] = await self.client.call(
-            "POST",
-            "/connect",
-            {
-                "public_key": public_key(self.private_key),
-                "name": self.name,
-                "address": self.address or "",
-            },
-        )
-        return answer
+        preferred = self.address or ""
+        avoid: list[str] = []
+        while True:
+            answer: dict[str, Any] = await self.client.call(
+                "POST",
+                "/connect",
+                {
+                    "public_key": public_key(self.private_key),
+                    "name": self.name,
+                    "address": preferred,
+                    **({"avoid": avoid} if avoid else {}),
+                },
+            )
+            address = str(answer.get("address", ""))
+            # This host may have it already: another tunnel here, to another server with the
+            # same pool. Two interfaces with one address would take each other's replies.
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                return answer  # _bring_up rejects it with a clear error
+            if not await asyncio.to_thread(is_local_address, address):
+                return answer
+            if len(avoid) >= MAX_AVOID:
+                raise WeftError(
+                    f"the server offers only addresses this host already has ({', '.join(avoid)}"
+                    f" ...): give one of the servers another pool (weft server --subnet)",
+                    ExitCode.FAILURE,
+                )
+            say(
+                f"weft tunnel {self.name}: {address} is already an address of this host "
+                "(another tunnel?): asking the server for another"
+            )
+            avoid.append(address)
+            preferred = ""
 
     async def _bring_up(self, iface: WireGuardInterface, answer: dict[str, Any]) -> None:
         server = self.settings.server

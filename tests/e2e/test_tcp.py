@@ -26,6 +26,7 @@ from weftlab import (
     start_server,
     start_tunnel,
     wait_ready,
+    wireguard_listeners,
 )
 
 pytestmark = pytest.mark.netns
@@ -224,3 +225,24 @@ def test_sigterm_while_still_connecting_leaves_nothing_behind(lab: Lab) -> None:
         timeout=5,
         message="a wireguard-go process outlived its tunnel",
     )
+
+
+def test_two_tunnels_on_one_host_to_two_servers_get_different_addresses(lab: Lab) -> None:
+    """Both servers hand out 10.1.0.2 first. The second tunnel sees that its host has it already
+    and asks for another: with one address on two interfaces, the second tunnel's replies would
+    follow the first one's source rule to the wrong server."""
+    other_ip = "198.51.100.2"
+    lab.add_host("server2", other_ip)
+    one = start_server(lab)
+    two = start_server(lab, host=lab.hosts["server2"], name="server2", bind_ip=other_ip)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    start_tunnel(lab, one.url(), "tcp://127.0.0.1:5432", PUBLIC)
+    second = start_tunnel(lab, two.url(host=other_ip), "tcp://127.0.0.1:5434",
+                          f"tcp://{other_ip}:15434", name="tunnel2")
+    # Each visitor reaches the service behind its own server, the first tunnel included.
+    assert peer(lab.visitor, "serverclose", other_ip, 15434, timeout=30) == {"greeting": "hello\n"}
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+    assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
+    assert second.wait_for_line(r"10\.1\.0\.2 is already an address of this host")

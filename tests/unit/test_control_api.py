@@ -512,6 +512,19 @@ def test_a_preferred_address_held_by_another_tunnel_is_not_given_away(tmp_path: 
     run(tmp_path, test)
 
 
+def test_avoided_addresses_are_passed_over(tmp_path: Path) -> None:
+    """A tunnel whose host already has 10.1.0.2 and .3 (tunnels to other servers) gets .4, even
+    when it asks for .2 back; the addresses passed over go to the next tunnel."""
+    async def test(h: Harness) -> None:
+        status, body = await h.connect(await h.login("t-one"), wg_key(1), address="10.1.0.2",
+                                       avoid=["10.1.0.2", "10.1.0.3", "192.0.2.1"])
+        assert status == 200 and body["address"] == "10.1.0.4"
+        _, other = await h.connect(await h.login("t-two"), wg_key(2))
+        assert other["address"] == "10.1.0.2"
+
+    run(tmp_path, test)
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -524,6 +537,11 @@ def test_a_preferred_address_held_by_another_tunnel_is_not_given_away(tmp_path: 
         {"public_key": wg_key(1), "name": 7},
         {"public_key": wg_key(1), "name": "n" * 65},
         {"public_key": wg_key(1), "address": ["10.1.0.2"]},
+        {"public_key": wg_key(1), "avoid": "10.1.0.2"},
+        {"public_key": wg_key(1), "avoid": ["10.1.0.2", 7]},
+        {"public_key": wg_key(1), "avoid": ["10.1.0.999"]},
+        {"public_key": wg_key(1), "avoid": ["::1"]},
+        {"public_key": wg_key(1), "avoid": [f"10.1.0.{i}" for i in range(2, 19)]},  # 17
     ],
 )
 def test_connect_with_bad_fields_is_400(tmp_path: Path, payload: dict[str, Any]) -> None:

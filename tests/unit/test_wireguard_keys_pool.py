@@ -112,6 +112,29 @@ def test_free_is_forgiving_but_checks_range() -> None:
         pool.free(IPv4Address("192.0.2.1"))
 
 
+def test_avoided_addresses_are_never_handed_out_and_stay_free() -> None:
+    """A tunnel's host that already has 10.9.0.2 (another tunnel, to another server) gets
+    another address; what was passed over is handed out later, to a host without it."""
+    a = lambda last: IPv4Address(f"10.9.0.{last}")  # noqa: E731
+    pool = AddressPool("10.9.0.0/24")
+    assert pool.allocate(avoid={a(2), a(3)}) == a(4)  # at the high-water mark
+    assert pool.allocate(a(2), avoid={a(2), a(3)}) == a(5)  # preferred but avoided
+    pool.free(a(5))
+    assert pool.allocate(avoid={a(2), a(5)}) == a(3)  # from the freed heap, skipping both
+    assert pool.allocate() == a(2)  # passed over, not lost
+    assert pool.allocate() == a(5)
+    assert pool.allocate() == a(6)
+    assert pool.in_use() == {a(n) for n in range(2, 7)}
+    assert len(pool._freed) <= 2  # skipping never grows the heap beyond what was free
+
+
+def test_avoiding_every_free_address_exhausts_the_pool() -> None:
+    pool = AddressPool("10.9.0.0/30")  # one tunnel address: 10.9.0.2
+    with pytest.raises(PoolExhausted):
+        pool.allocate(avoid={IPv4Address("10.9.0.2")})
+    assert pool.allocate() == IPv4Address("10.9.0.2")
+
+
 def test_preferred_address() -> None:
     pool = AddressPool("10.9.0.0/24")
     assert pool.allocate(IPv4Address("10.9.0.77")) == IPv4Address("10.9.0.77")

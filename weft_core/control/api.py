@@ -41,6 +41,7 @@ READ_TIMEOUT = 10.0  # for a connection's first request
 KEEPALIVE_IDLE = 60.0  # a kept connection may wait this long for its next request
 MAX_REQUESTS_PER_CONNECTION = 10_000
 MAX_CONNECTIONS = 4096  # open control connections at once; more are closed at once
+MAX_AVOID = 16  # addresses a tunnel may ask /connect not to hand out
 MAX_CONNECTIONS_PER_SOURCE = 512  # tunnels behind one NAT share an address: be generous
 TIMEOUT = ApiError(408, "timeout", "the request took too long")
 MAX_NAME = 64
@@ -56,6 +57,20 @@ def _str(body: dict[str, Any], key: str, *, limit: int = 4096, required: bool = 
     if len(value) > limit:
         raise ApiError(400, "bad_request", f"field {key!r} is longer than {limit} characters")
     return value
+
+
+def _addresses(body: dict[str, Any], key: str, limit: int) -> list[ipaddress.IPv4Address]:
+    value = body.get(key)
+    if value is None:
+        return []
+    error = ApiError(400, "bad_request", f"field {key!r} must be a list of at most {limit} IPv4 "
+                     "addresses")
+    if not isinstance(value, list) or len(value) > limit:
+        raise error
+    try:
+        return [ipaddress.IPv4Address(item if isinstance(item, str) else "-") for item in value]
+    except ValueError:
+        raise error from None
 
 
 def _int(body: dict[str, Any], key: str) -> int:
@@ -258,6 +273,9 @@ class ControlApi:
         if not TUNNEL_NAME.fullmatch(name):  # names go into logs and lists: nothing to forge lines
             raise ApiError(400, "bad_name", "a tunnel name is letters, digits, '.', '_' and '-'")
         preferred_text = _str(body, "address", limit=64, required=False)
+        # Addresses the tunnel's host already has (other tunnels there, to other servers): a
+        # second interface with one of them would capture the first one's replies.
+        avoid = _addresses(body, "avoid", MAX_AVOID)
         server = self.server
         async with server.lock:
             other = server.registry.by_public_key(public_key)
@@ -271,7 +289,7 @@ class ControlApi:
                 with contextlib.suppress(ValueError):
                     preferred = ipaddress.IPv4Address(preferred_text)
             try:
-                address = str(server.pool.allocate(preferred))
+                address = str(server.pool.allocate(preferred, avoid))
             except PoolExhausted:
                 raise ApiError(
                     503, "pool_exhausted", "no WireGuard address left; try later"

@@ -37,6 +37,26 @@ def link_exists(name: str) -> bool:
     return worker.run(op)
 
 
+RTN_LOCAL = 2  # a route of type "local": the address belongs to this host
+
+
+def is_local_address(address: str) -> bool:
+    """Whether an interface of this namespace has `address` (one route lookup, no dump).
+
+    The routing answer, not a test bind, which `net.ipv4.ip_nonlocal_bind=1` would fool.
+    """
+
+    def op() -> bool:
+        with IPRoute() as ipr:
+            try:
+                found = ipr.route("get", dst=address)
+            except NetlinkError:  # unreachable from here: certainly not local
+                return False
+            return any(msg["type"] == RTN_LOCAL for msg in found)
+
+    return worker.run(op)
+
+
 def create_wireguard_link(name: str) -> None:
     """`ip link add NAME type wireguard`; NetlinkError(EOPNOTSUPP) when the module is missing."""
 

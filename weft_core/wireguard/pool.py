@@ -9,6 +9,7 @@ the mark.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from weft_core.errors import ExitCode, WeftError
@@ -63,17 +64,21 @@ class AddressPool:
         """The server's interface address with the pool's prefix, e.g. "10.1.0.1/16"."""
         return f"{self.server_address}/{self.network.prefixlen}"
 
-    def allocate(self, preferred: IPv4Address | None = None) -> IPv4Address:
-        """Hand out `preferred` if it is a free tunnel address of this pool, else the lowest free.
+    def allocate(
+        self, preferred: IPv4Address | None = None, avoid: Collection[IPv4Address] = ()
+    ) -> IPv4Address:
+        """Hand out `preferred` if it is a free tunnel address of this pool, else the lowest free;
+        never one in `avoid` (addresses the tunnel's host already has: see /connect).
 
-        Raises PoolExhausted when every tunnel address is taken.
+        Raises PoolExhausted when every tunnel address is taken (or avoided).
         """
+        skip = frozenset(int(a) for a in avoid)
         if preferred is not None:
             value = int(preferred)
-            if self._is_tunnel_address(value) and value not in self._used:
+            if self._is_tunnel_address(value) and value not in self._used and value not in skip:
                 self._used.add(value)
                 return IPv4Address(value)
-        return IPv4Address(self._take_lowest())
+        return IPv4Address(self._take_lowest(skip))
 
     def reserve(self, addr: IPv4Address) -> None:
         """Mark a specific address taken (restoring state); ValueError if impossible."""
@@ -99,22 +104,36 @@ class AddressPool:
     def __contains__(self, addr: object) -> bool:
         return isinstance(addr, IPv4Address) and self._is_tunnel_address(int(addr))
 
-    def _take_lowest(self) -> int:
+    def _take_lowest(self, skip: frozenset[int] = frozenset()) -> int:
         # Heap entries may be stale (re-taken via preferred/reserve after being freed): skip them.
-        while self._freed:
-            value = heapq.heappop(self._freed)
-            if value not in self._used:
+        # Free ones in `skip` go back afterwards (each was in the heap once: no growth).
+        skipped: list[int] = []
+        try:
+            while self._freed:
+                value = heapq.heappop(self._freed)
+                if value in self._used:
+                    continue
+                if value in skip:
+                    skipped.append(value)
+                    continue
                 self._used.add(value)
                 return value
-        # Skip over addresses reserved ahead of the mark; each is skipped at most once.
-        while self._next <= self._last and self._next in self._used:
-            self._next += 1
-        if self._next > self._last:
-            raise PoolExhausted(self.network)
-        value = self._next
-        self._next += 1
-        self._used.add(value)
-        return value
+            # Skip over addresses reserved ahead of the mark; each is skipped at most once.
+            while self._next <= self._last and self._next in self._used:
+                self._next += 1
+            value = self._next
+            while value <= self._last and (value in self._used or value in skip):
+                value += 1
+            if value > self._last:
+                raise PoolExhausted(self.network)
+            # Free addresses passed over for `skip` fall below the mark: the heap keeps them.
+            skipped.extend(v for v in range(self._next, value) if v not in self._used)
+            self._next = value + 1
+            self._used.add(value)
+            return value
+        finally:
+            for value in skipped:
+                heapq.heappush(self._freed, value)
 
     def _is_tunnel_address(self, value: int) -> bool:
         return self._first <= value <= self._last
