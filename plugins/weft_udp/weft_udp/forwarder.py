@@ -141,17 +141,19 @@ def peer_name(addr: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# Linux's SO_RCVBUFFORCE and SO_SNDBUFFORCE: like SO_RCVBUF/SO_SNDBUF but past the sysctl caps
+# (net.core.rmem_max, 208 KiB on a stock host) for a process with CAP_NET_ADMIN. Python's socket
+# module does not name them.
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
 def _grow_buffers(sock: socket.socket, size: int) -> None:
     """Ask for `size`-byte socket buffers (beyond the sysctl cap where we may, as root)."""
-    for force, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-    ):
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
-            if force is None:
-                raise PermissionError
             sock.setsockopt(socket.SOL_SOCKET, force, size)
-        except OSError:
+        except OSError:  # no CAP_NET_ADMIN: as much as the cap allows
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
