@@ -22,6 +22,7 @@ from . import telemetry
 from .control.client import ControlClient, LoginRefused, ServerUnreachable
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import TunnelIsolation, check_nftables
+from .hostlock import HostLock
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .protocol import Endpoint, Route, TunnelProtocol
@@ -37,6 +38,7 @@ log = logging.getLogger("weft.tunnel")
 HANDSHAKE_TIMEOUT = 10.0
 ROUTE_TIMEOUT = 150.0  # POST /routes may wait for an ACME order on the server
 RULE_PRIORITY = 5000
+ADDRESS_LOCK_TIMEOUT = 30.0
 MAX_AVOID = 16  # addresses /connect may be asked to pass over (the server's limit too)
 
 
@@ -113,6 +115,7 @@ class Tunnel:
         self.interface: WireGuardInterface | None = None
         self.isolation: TunnelIsolation | None = None
         self._stop = asyncio.Event()
+        self._address_lock = HostLock("tunnel-addresses")
 
     # --- one session -------------------------------------------------------------------------
 
@@ -122,16 +125,19 @@ class Tunnel:
             asyncio.to_thread(_make_device, self.private_key, self.settings.wireguard_backend)
         )
         try:
-            answer = await self._login_and_connect()
-        finally:
-            # Whatever happened, the device is ours to keep (and to tear down) once it exists.
             try:
-                self.interface = await asyncio.shield(device)
-            except asyncio.CancelledError:
-                # Stopped while wireguard-go starts: close the device whenever it arrives.
-                device.add_done_callback(_close_when_made)
-                raise
-        await self._bring_up(self.interface, answer)
+                answer = await self._login_and_connect()
+            finally:
+                # Whatever happened, the device is ours to keep (and to tear down) once it exists.
+                try:
+                    self.interface = await asyncio.shield(device)
+                except asyncio.CancelledError:
+                    # Stopped while wireguard-go starts: close the device whenever it arrives.
+                    device.add_done_callback(_close_when_made)
+                    raise
+            await self._bring_up(self.interface, answer)
+        finally:
+            self._address_lock.release()  # held from the address check to its assignment
 
     async def _login_and_connect(self) -> dict[str, Any]:
         try:
@@ -142,6 +148,10 @@ class Tunnel:
         telemetry.record_event("login", result="accepted", tunnel=self.name)
         preferred = self.address or ""
         avoid: list[str] = []
+        # Another tunnel on this host may be between its own check and assignment: wait for it.
+        if not await self._address_lock.acquire(ADDRESS_LOCK_TIMEOUT):
+            log.warning("tunnel %s: another weft tunnel on this host holds the address lock; "
+                        "going on without it", self.name)
         while True:
             answer: dict[str, Any] = await self.client.call(
                 "POST",
@@ -180,6 +190,7 @@ class Tunnel:
         self.address = address = str(ipaddress.IPv4Address(answer["address"]))
         server_address = str(ipaddress.IPv4Address(answer["server_address"]))
         await asyncio.to_thread(iface.assign_address, f"{address}/32")
+        self._address_lock.release()  # from here on, other tunnels here see this address
         # The forwarders listen on the tunnel's address, so they open once it is assigned, and
         # before the filter: it is then loaded once, with their ports (each `nft` load costs
         # 15-40 ms, more with many tunnels on one host). No window for the server: nothing comes

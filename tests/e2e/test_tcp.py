@@ -246,3 +246,25 @@ def test_two_tunnels_on_one_host_to_two_servers_get_different_addresses(lab: Lab
     assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
     assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
     assert second.wait_for_line(r"10\.1\.0\.2 is already an address of this host")
+
+
+def test_two_tunnels_started_together_to_two_servers_get_different_addresses(lab: Lab) -> None:
+    """The same, with both tunnels started at once (two services at boot): each checks the host's
+    addresses while the other may not have assigned its own yet, so the check and the assignment
+    must not interleave."""
+    other_ip = "198.51.100.2"
+    lab.add_host("server2", other_ip)
+    one = start_server(lab)
+    two = start_server(lab, host=lab.hosts["server2"], name="server2", bind_ip=other_ip)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    first = lab.tunnel.popen([WEFT, "tunnel", one.url(), "tcp://127.0.0.1:5432", PUBLIC],
+                             name="tunnel1")
+    second = lab.tunnel.popen([WEFT, "tunnel", two.url(host=other_ip), "tcp://127.0.0.1:5434",
+                               f"tcp://{other_ip}:15434"], name="tunnel2")
+    wait_ready(first, 1)
+    wait_ready(second, 1)
+    assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
+    assert peer(lab.visitor, "serverclose", other_ip, 15434, timeout=30) == {"greeting": "hello\n"}
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
