@@ -65,10 +65,11 @@ def _addresses(body: dict[str, Any], key: str, limit: int) -> list[ipaddress.IPv
         return []
     error = ApiError(400, "bad_request", f"field {key!r} must be a list of at most {limit} IPv4 "
                      "addresses")
-    if not isinstance(value, list) or len(value) > limit:
+    if not isinstance(value, list) or len(value) > limit or \
+            not all(isinstance(item, str) for item in value):
         raise error
     try:
-        return [ipaddress.IPv4Address(item if isinstance(item, str) else "-") for item in value]
+        return [ipaddress.IPv4Address(item) for item in value]
     except ValueError:
         raise error from None
 
