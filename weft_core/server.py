@@ -30,6 +30,7 @@ from .state import StateDir, make_tls_certificate, write_private
 from .urls import RouteUrl, format_host_port
 from .wireguard import AddressPool, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
+from .wireguard.links import pool_conflicts
 
 log = logging.getLogger("weft.server")
 
@@ -159,6 +160,15 @@ class Server:
             log.warning(
                 "running WITHOUT peer isolation (--no-isolation): tunnels can reach services on "
                 "this host over WireGuard and each other"
+            )
+        subnet = self.settings.subnet
+        taken = await asyncio.to_thread(pool_conflicts, str(subnet))
+        if taken:
+            raise WeftError(
+                f"the WireGuard address pool {subnet} overlaps what this host already routes "
+                f"({'; '.join(taken)}): another weft server here? Give this one another pool, "
+                f"e.g. --subnet {_suggest_subnet(subnet)}",
+                ExitCode.USAGE,
             )
         name = unique_interface_name("wefts")
         self.interface = await asyncio.to_thread(
@@ -397,6 +407,14 @@ class Server:
         if self.isolation is not None:
             self.isolation.close()
             self.isolation = None
+
+
+def _suggest_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The pool of the same size right after `subnet` (a hint for --subnet; checked at start)."""
+    following = int(subnet.network_address) + subnet.num_addresses
+    if following + subnet.num_addresses > 2**32:
+        return ipaddress.IPv4Network("10.2.0.0/16")
+    return ipaddress.IPv4Network((following, subnet.prefixlen))
 
 
 def format_ranges(ranges: tuple[tuple[int, int], ...]) -> str:

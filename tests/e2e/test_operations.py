@@ -236,3 +236,31 @@ def test_verbose_logs_each_connection_on_both_sides(lab: Lab) -> None:
         r"tunnel db: connection 10\.1\.0\.1:\d+ closed \(closed\): 51024 bytes in", timeout=10
     )
     assert server.secret not in "\n".join(server.proc.lines()[6:] + tunnel.lines())
+
+
+def test_a_second_server_on_one_host_needs_its_own_pool(lab: Lab) -> None:
+    """Two servers with one pool on one host would both route 10.1.0.0/16 and the second one's
+    tunnels would be unreachable: it refuses to start (exit 2, saying what to change), and starts
+    with --subnet, its tunnels working next to the first one's."""
+    lab.server.check(["ip", "addr", "add", f"{SECOND_IP}/24", "dev", "eth0"])
+    first = start_server(lab)
+    state = Path(tempfile.mkdtemp(prefix="weft-state-"))
+    args = [WEFT, "server", "--bind-ips", SECOND_IP, "--state-dir", str(state),
+            "--secret-file", f"{state}.secret", "--port", "9192", "--wireguard-port", "9193"]
+    refused = lab.server.run(args, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "10.1.0.0/16 overlaps what this host already routes (10.1.0.0/16 on wefts" in \
+        refused.stderr
+    assert "--subnet 10.2.0.0/16" in refused.stderr and "Traceback" not in refused.stderr
+
+    second = lab.server.popen([*args, "--subnet", "10.2.0.0/16"], name="server2")
+    second.wait_for_line(r"weft tunnel weft://", timeout=20)
+    secret = Path(f"{state}.secret").read_text().strip()
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    start_tunnel(lab, first.url(), "tcp://127.0.0.1:5432", f"tcp://{SERVER_IP}:15432")
+    start_tunnel(lab, f"weft://{secret}@{SECOND_IP}:9192", "tcp://127.0.0.1:5434",
+                 f"tcp://{SECOND_IP}:15434", name="tunnel2")
+    assert peer(lab.visitor, "serverclose", SECOND_IP, 15434, timeout=30) == {"greeting": "hello\n"}
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from ipaddress import ip_interface, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_interface, ip_network
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -53,6 +53,37 @@ def is_local_address(address: str) -> bool:
             except NetlinkError:  # unreachable from here: certainly not local
                 return False
             return any(msg["type"] == RTN_LOCAL for msg in found)
+
+    return worker.run(op)
+
+
+MAIN_TABLE, LOCAL_TABLE = 254, 255
+
+
+def pool_conflicts(network: str, limit: int = 3) -> list[str]:
+    """What of this namespace's routing already covers part of `network`, as "PREFIX on IFNAME".
+
+    Routes of the main and local tables (interface addresses, connected networks, static
+    routes; not the default route, not the per-tunnel tables of `weft tunnel`). A WireGuard pool
+    that overlaps one of them would have its traffic, or the other's, go the wrong way.
+    """
+    pool = ip_network(network)
+
+    def op() -> list[str]:
+        with IPRoute() as ipr:
+            names = {int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            widest: dict[str, IPv4Network | IPv6Network] = {}  # per interface, for the message
+            for msg in ipr.get_routes(family=socket.AF_INET):
+                table = msg.get_attr("RTA_TABLE") or msg["table"]
+                dst = msg.get_attr("RTA_DST")
+                if table not in (MAIN_TABLE, LOCAL_TABLE) or dst is None or not msg["dst_len"]:
+                    continue
+                covered = ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+                if covered.overlaps(pool):
+                    name = str(names.get(msg.get_attr("RTA_OIF"), "?"))
+                    if name not in widest or covered.prefixlen < widest[name].prefixlen:
+                        widest[name] = covered
+            return [f"{net} on {name}" for name, net in list(widest.items())[:limit]]
 
     return worker.run(op)
 
