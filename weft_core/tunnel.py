@@ -31,7 +31,7 @@ from .settings import TunnelSettings
 from .urls import RouteUrl, format_host_port, parse_route_url
 from .wireguard import Peer, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
-from .wireguard.links import is_local_address
+from .wireguard.links import is_local_address, network_routed_to
 
 log = logging.getLogger("weft.tunnel")
 
@@ -171,6 +171,13 @@ class Tunnel:
             except ValueError:
                 return answer  # _bring_up rejects it with a clear error
             if not await asyncio.to_thread(is_local_address, address):
+                routed = await asyncio.to_thread(network_routed_to, address)
+                if routed is not None:  # a LAN of this host uses the pool's addresses
+                    say(
+                        f"weft tunnel {self.name}: warning: {address} is also in {routed[0]} on "
+                        f"{routed[1]}: a machine there with that address is unreachable from "
+                        "this host while the tunnel runs (the server's --subnet picks the pool)"
+                    )
                 return answer
             if len(avoid) >= MAX_AVOID:
                 raise WeftError(

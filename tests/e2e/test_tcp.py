@@ -246,6 +246,7 @@ def test_two_tunnels_on_one_host_to_two_servers_get_different_addresses(lab: Lab
     assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
     assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
     assert second.wait_for_line(r"10\.1\.0\.2 is already an address of this host")
+    assert "warning" not in second.output()  # no network of the host overlaps the pool
 
 
 def test_two_tunnels_started_together_to_two_servers_get_different_addresses(lab: Lab) -> None:
@@ -266,5 +267,18 @@ def test_two_tunnels_started_together_to_two_servers_get_different_addresses(lab
     wait_ready(second, 1)
     assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
     assert peer(lab.visitor, "serverclose", other_ip, 15434, timeout=30) == {"greeting": "hello\n"}
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+
+
+def test_a_tunnel_address_inside_a_network_of_its_host_is_warned_about(lab: Lab) -> None:
+    """The tunnel host's LAN uses 10.1.0.0/24 too: the tunnel still works, and says which of the
+    LAN's machines (the one with its address) it makes unreachable from that host."""
+    lab.tunnel.check(["ip", "route", "add", "10.1.0.0/24", "dev", "eth0"])  # no traffic goes there
+    server = start_server(lab)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", PUBLIC)
+    tunnel.wait_for_line(r"warning: 10\.1\.0\.2 is also in 10\.1\.0\.0/24 on eth0: a machine there "
+                         r"with that address is unreachable")
     big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
     assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}

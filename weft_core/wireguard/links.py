@@ -58,6 +58,30 @@ def is_local_address(address: str) -> bool:
 
 
 MAIN_TABLE, LOCAL_TABLE = 254, 255
+RTM_F_FIB_MATCH = 0x2000  # answer with the routing entry that matched, prefix and all
+
+
+def network_routed_to(address: str) -> tuple[str, str] | None:
+    """(network, interface) of the main-table route, other than a default route, that covers
+    `address` on this host, e.g. ("10.1.0.0/24", "eth0"); None if only a default route does."""
+
+    def op() -> tuple[str, str] | None:
+        with IPRoute() as ipr:
+            try:
+                found = ipr.route("get", dst=address, flags=RTM_F_FIB_MATCH)
+            except NetlinkError:
+                return None
+            for msg in found:
+                table = msg.get_attr("RTA_TABLE") or msg["table"]
+                dst = msg.get_attr("RTA_DST")
+                if table != MAIN_TABLE or dst is None or not msg["dst_len"]:
+                    continue
+                links = ipr.get_links(msg.get_attr("RTA_OIF"))
+                name = links[0].get_attr("IFLA_IFNAME") if links else "?"
+                return str(ip_network(f"{dst}/{msg['dst_len']}", strict=False)), str(name)
+            return None
+
+    return worker.run(op)
 
 
 def pool_conflicts(network: str, limit: int = 3) -> list[str]:
