@@ -21,6 +21,7 @@ from . import auth, telemetry
 from .control.api import ControlApi
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import ServerIsolation, check_nftables
+from .hostlock import HostLock
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .registry import Registry, TunnelRecord
@@ -30,9 +31,11 @@ from .state import StateDir, make_tls_certificate, write_private
 from .urls import RouteUrl, format_host_port
 from .wireguard import AddressPool, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
-from .wireguard.links import pool_conflicts
+from .wireguard.links import delete_link, links_named, pool_conflicts
 
 log = logging.getLogger("weft.server")
+
+SERVER_PREFIX = "wefts"  # the server's WireGuard interface: wefts + random hex
 
 REAP_INTERVAL = 2.0
 
@@ -93,6 +96,7 @@ class Server:
         self.state = StateDir(settings.state_dir)
         self.interface: WireGuardInterface | None = None
         self.isolation: ServerIsolation | None = None
+        self._interface_lock: HostLock | None = None
         self._listeners: list[asyncio.Server] = []
         self.telemetry: telemetry.Telemetry | None = None
         self._stopping = asyncio.Event()
@@ -161,6 +165,7 @@ class Server:
                 "running WITHOUT peer isolation (--no-isolation): tunnels can reach services on "
                 "this host over WireGuard and each other"
             )
+        await asyncio.to_thread(_remove_stale_interfaces)
         subnet = self.settings.subnet
         taken = await asyncio.to_thread(pool_conflicts, str(subnet))
         if taken:
@@ -170,7 +175,10 @@ class Server:
                 f"e.g. --subnet {_suggest_subnet(subnet)}",
                 ExitCode.USAGE,
             )
-        name = unique_interface_name("wefts")
+        name = unique_interface_name(SERVER_PREFIX)
+        # Held while the interface lives: a later server can tell it from one left behind.
+        self._interface_lock = HostLock(f"server-{name}")
+        self._interface_lock.try_acquire()
         self.interface = await asyncio.to_thread(
             WireGuardInterface.create,
             name,
@@ -407,6 +415,28 @@ class Server:
         if self.isolation is not None:
             self.isolation.close()
             self.isolation = None
+        if self._interface_lock is not None:
+            self._interface_lock.release()
+            self._interface_lock = None
+
+
+def _remove_stale_interfaces() -> None:
+    """Remove the interfaces (and nftables tables) of weft servers that are gone.
+
+    A kernel WireGuard interface outlives a server that was killed (wireguard-go's goes with
+    it); left in place it keeps routing the pool, and a restarted server would either lose its
+    tunnels' traffic to it or refuse to start. A live server holds its interface's HostLock.
+    """
+    for name in links_named(SERVER_PREFIX):
+        lock = HostLock(f"server-{name}")
+        if not lock.try_acquire():
+            continue  # its server is running
+        try:
+            log.warning("removing interface %s, left behind by a weft server that is gone", name)
+            delete_link(name)
+            ServerIsolation(name).close()
+        finally:
+            lock.release()
 
 
 def _suggest_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:

@@ -264,3 +264,23 @@ def test_a_second_server_on_one_host_needs_its_own_pool(lab: Lab) -> None:
     assert peer(lab.visitor, "serverclose", SECOND_IP, 15434, timeout=30) == {"greeting": "hello\n"}
     big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
     assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+
+
+def test_an_interface_left_by_a_killed_server_is_removed_at_start(lab: Lab) -> None:
+    """A kernel WireGuard interface outlives a server that was killed (OOM, SIGKILL) and keeps
+    routing the pool. Stand-in here (no wireguard module on these machines): a persistent TUN
+    with the server's name prefix and address, as wireguard-go's interface looks. The next
+    server removes it, with a warning, and starts; a live server's interface is never touched
+    (the second server in test_a_second_server_on_one_host_needs_its_own_pool refuses instead)."""
+    left = "wefts0dead"
+    for args in (["ip", "tuntap", "add", "dev", left, "mode", "tun"],
+                 ["ip", "addr", "add", "10.1.0.1/16", "dev", left],
+                 ["ip", "link", "set", left, "up"]):
+        lab.server.check(args)
+    server = start_server(lab)
+    server.proc.wait_for_line(rf"removing interface {left}, left behind by a weft server")
+    assert left not in lab.server.check(["ip", "-o", "link"])
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", f"tcp://{SERVER_IP}:15432")
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}

@@ -112,6 +112,24 @@ def pool_conflicts(network: str, limit: int = 3) -> list[str]:
     return worker.run(op)
 
 
+def links_named(prefix: str, kinds: tuple[str, ...] = ("wireguard", "tun")) -> list[str]:
+    """Names of this namespace's links that start with `prefix` and are of one of `kinds`
+    (a kernel WireGuard interface is "wireguard", wireguard-go's is a "tun")."""
+
+    def op() -> list[str]:
+        with IPRoute() as ipr:
+            found = []
+            for link in ipr.get_links():
+                name = str(link.get_attr("IFLA_IFNAME") or "")
+                info = link.get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                if name.startswith(prefix) and kind in kinds:
+                    found.append(name)
+            return found
+
+    return worker.run(op)
+
+
 def create_wireguard_link(name: str) -> None:
     """`ip link add NAME type wireguard`; NetlinkError(EOPNOTSUPP) when the module is missing."""
 
