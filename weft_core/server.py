@@ -31,7 +31,7 @@ from .state import StateDir, make_tls_certificate, write_private
 from .urls import RouteUrl, format_host_port
 from .wireguard import AddressPool, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
-from .wireguard.links import delete_link, links_named, pool_conflicts
+from .wireguard.links import delete_link, link_kind, pool_conflicts
 
 log = logging.getLogger("weft.server")
 
@@ -165,13 +165,16 @@ class Server:
                 "running WITHOUT peer isolation (--no-isolation): tunnels can reach services on "
                 "this host over WireGuard and each other"
             )
-        await asyncio.to_thread(_remove_stale_interfaces)
         subnet = self.settings.subnet
         taken = await asyncio.to_thread(pool_conflicts, str(subnet))
+        removed = [name for name in taken if await asyncio.to_thread(_remove_if_left_behind, name)]
+        if removed:
+            taken = await asyncio.to_thread(pool_conflicts, str(subnet))
         if taken:
+            where = "; ".join(f"{net} on {name}" for name, net in list(taken.items())[:3])
             raise WeftError(
                 f"the WireGuard address pool {subnet} overlaps what this host already routes "
-                f"({'; '.join(taken)}): another weft server here? Give this one another pool, "
+                f"({where}): another weft server here? Give this one another pool, "
                 f"e.g. --subnet {_suggest_subnet(subnet)}",
                 ExitCode.USAGE,
             )
@@ -420,23 +423,26 @@ class Server:
             self._interface_lock = None
 
 
-def _remove_stale_interfaces() -> None:
-    """Remove the interfaces (and nftables tables) of weft servers that are gone.
+def _remove_if_left_behind(name: str) -> bool:
+    """Remove interface `name` and its nftables table if a weft server left it behind; True then.
 
-    A kernel WireGuard interface outlives a server that was killed (wireguard-go's goes with
-    it); left in place it keeps routing the pool, and a restarted server would either lose its
-    tunnels' traffic to it or refuse to start. A live server holds its interface's HostLock.
+    A kernel WireGuard interface outlives a server that was killed (wireguard-go's goes with it)
+    and keeps routing the pool: a restarted server would lose its tunnels' traffic to it, or
+    refuse to start. Only a server interface whose server is gone qualifies: a running server
+    holds its interface's HostLock.
     """
-    for name in links_named(SERVER_PREFIX):
-        lock = HostLock(f"server-{name}")
-        if not lock.try_acquire():
-            continue  # its server is running
-        try:
-            log.warning("removing interface %s, left behind by a weft server that is gone", name)
-            delete_link(name)
-            ServerIsolation(name).close()
-        finally:
-            lock.release()
+    if not name.startswith(SERVER_PREFIX) or link_kind(name) not in ("wireguard", "tun"):
+        return False
+    lock = HostLock(f"server-{name}")
+    if not lock.try_acquire():
+        return False  # its server is running
+    try:
+        log.warning("removing interface %s, left behind by a weft server that is gone", name)
+        delete_link(name)
+        ServerIsolation(name).close()
+    finally:
+        lock.release()
+    return True
 
 
 def _suggest_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:

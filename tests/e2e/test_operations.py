@@ -271,15 +271,19 @@ def test_an_interface_left_by_a_killed_server_is_removed_at_start(lab: Lab) -> N
     routing the pool. Stand-in here (no wireguard module on these machines): a persistent TUN
     with the server's name prefix and address, as wireguard-go's interface looks. The next
     server removes it, with a warning, and starts; a live server's interface is never touched
-    (the second server in test_a_second_server_on_one_host_needs_its_own_pool refuses instead)."""
-    left = "wefts0dead"
-    for args in (["ip", "tuntap", "add", "dev", left, "mode", "tun"],
-                 ["ip", "addr", "add", "10.1.0.1/16", "dev", left],
-                 ["ip", "link", "set", left, "up"]):
-        lab.server.check(args)
+    (the second server in test_a_second_server_on_one_host_needs_its_own_pool refuses instead),
+    nor one outside this server's pool."""
+    left, elsewhere = "wefts0dead", "wefts0ther"
+    for name, address in ((left, "10.1.0.1/16"), (elsewhere, "10.9.0.1/24")):
+        for args in (["ip", "tuntap", "add", "dev", name, "mode", "tun"],
+                     ["ip", "addr", "add", address, "dev", name],
+                     ["ip", "link", "set", name, "up"]):
+            lab.server.check(args)
     server = start_server(lab)
     server.proc.wait_for_line(rf"removing interface {left}, left behind by a weft server")
-    assert left not in lab.server.check(["ip", "-o", "link"])
+    links = lab.server.check(["ip", "-o", "link"])
+    assert left not in links
+    assert elsewhere in links  # not in this server's pool: none of its business
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
     start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", f"tcp://{SERVER_IP}:15432")
     big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)

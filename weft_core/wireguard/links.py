@@ -84,8 +84,9 @@ def network_routed_to(address: str) -> tuple[str, str] | None:
     return worker.run(op)
 
 
-def pool_conflicts(network: str, limit: int = 3) -> list[str]:
-    """What of this namespace's routing already covers part of `network`, as "PREFIX on IFNAME".
+def pool_conflicts(network: str) -> dict[str, str]:
+    """What of this namespace's routing already covers part of `network`: {interface: prefix},
+    the widest overlapping prefix per interface.
 
     Routes of the main and local tables (interface addresses, connected networks, static
     routes; not the default route, not the per-tunnel tables of `weft tunnel`). A WireGuard pool
@@ -93,10 +94,10 @@ def pool_conflicts(network: str, limit: int = 3) -> list[str]:
     """
     pool = ip_network(network)
 
-    def op() -> list[str]:
+    def op() -> dict[str, str]:
         with IPRoute() as ipr:
             names = {int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-            widest: dict[str, IPv4Network | IPv6Network] = {}  # per interface, for the message
+            widest: dict[str, IPv4Network | IPv6Network] = {}
             for msg in ipr.get_routes(family=socket.AF_INET):
                 table = msg.get_attr("RTA_TABLE") or msg["table"]
                 dst = msg.get_attr("RTA_DST")
@@ -107,25 +108,21 @@ def pool_conflicts(network: str, limit: int = 3) -> list[str]:
                     name = str(names.get(msg.get_attr("RTA_OIF"), "?"))
                     if name not in widest or covered.prefixlen < widest[name].prefixlen:
                         widest[name] = covered
-            return [f"{net} on {name}" for name, net in list(widest.items())[:limit]]
+            return {name: str(net) for name, net in widest.items()}
 
     return worker.run(op)
 
 
-def links_named(prefix: str, kinds: tuple[str, ...] = ("wireguard", "tun")) -> list[str]:
-    """Names of this namespace's links that start with `prefix` and are of one of `kinds`
-    (a kernel WireGuard interface is "wireguard", wireguard-go's is a "tun")."""
+def link_kind(name: str) -> str | None:
+    """The kind of link `name` ("wireguard", "tun", "veth", ...), None if it has none or is gone."""
 
-    def op() -> list[str]:
+    def op() -> str | None:
         with IPRoute() as ipr:
-            found = []
-            for link in ipr.get_links():
-                name = str(link.get_attr("IFLA_IFNAME") or "")
-                info = link.get_attr("IFLA_LINKINFO")
-                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-                if name.startswith(prefix) and kind in kinds:
-                    found.append(name)
-            return found
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                return None
+            info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
+            return str(info.get_attr("IFLA_INFO_KIND")) if info is not None else None
 
     return worker.run(op)
 
