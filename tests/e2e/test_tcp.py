@@ -19,6 +19,7 @@ from netns import Lab, wait_until
 from weftlab import (
     SERVER_IP,
     WEFT,
+    ServerProc,
     peer,
     ready_urls,
     restart_server,
@@ -227,24 +228,37 @@ def test_sigterm_while_still_connecting_leaves_nothing_behind(lab: Lab) -> None:
     )
 
 
+OTHER_SERVER_IP = "198.51.100.2"
+
+
+def _two_servers_and_two_services(lab: Lab) -> tuple[ServerProc, ServerProc]:
+    """Two servers with the same (default) pool on two hosts; an echo and a hello service on the
+    tunnel host, for the tunnels to each of them."""
+    lab.add_host("server2", OTHER_SERVER_IP)
+    one = start_server(lab)
+    two = start_server(lab, host=lab.hosts["server2"], name="server2", bind_ip=OTHER_SERVER_IP)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    return one, two
+
+
+def _each_visitor_reaches_the_service_behind_its_server(lab: Lab) -> None:
+    greeting = peer(lab.visitor, "serverclose", OTHER_SERVER_IP, 15434, timeout=30)
+    assert greeting == {"greeting": "hello\n"}
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+    assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
+
+
 def test_two_tunnels_on_one_host_to_two_servers_get_different_addresses(lab: Lab) -> None:
     """Both servers hand out 10.1.0.2 first. The second tunnel sees that its host has it already
     and asks for another: with one address on two interfaces, the second tunnel's replies would
     follow the first one's source rule to the wrong server."""
-    other_ip = "198.51.100.2"
-    lab.add_host("server2", other_ip)
-    one = start_server(lab)
-    two = start_server(lab, host=lab.hosts["server2"], name="server2", bind_ip=other_ip)
-    service(lab.tunnel, "echo", "127.0.0.1", 5432)
-    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    one, two = _two_servers_and_two_services(lab)
     start_tunnel(lab, one.url(), "tcp://127.0.0.1:5432", PUBLIC)
-    second = start_tunnel(lab, two.url(host=other_ip), "tcp://127.0.0.1:5434",
-                          f"tcp://{other_ip}:15434", name="tunnel2")
-    # Each visitor reaches the service behind its own server, the first tunnel included.
-    assert peer(lab.visitor, "serverclose", other_ip, 15434, timeout=30) == {"greeting": "hello\n"}
-    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
-    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
-    assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
+    second = start_tunnel(lab, two.url(host=OTHER_SERVER_IP), "tcp://127.0.0.1:5434",
+                          f"tcp://{OTHER_SERVER_IP}:15434", name="tunnel2")
+    _each_visitor_reaches_the_service_behind_its_server(lab)
     assert second.wait_for_line(r"10\.1\.0\.2 is already an address of this host")
     assert "warning" not in second.output()  # no network of the host overlaps the pool
 
@@ -253,22 +267,15 @@ def test_two_tunnels_started_together_to_two_servers_get_different_addresses(lab
     """The same, with both tunnels started at once (two services at boot): each checks the host's
     addresses while the other may not have assigned its own yet, so the check and the assignment
     must not interleave."""
-    other_ip = "198.51.100.2"
-    lab.add_host("server2", other_ip)
-    one = start_server(lab)
-    two = start_server(lab, host=lab.hosts["server2"], name="server2", bind_ip=other_ip)
-    service(lab.tunnel, "echo", "127.0.0.1", 5432)
-    service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    one, two = _two_servers_and_two_services(lab)
     first = lab.tunnel.popen([WEFT, "tunnel", one.url(), "tcp://127.0.0.1:5432", PUBLIC],
                              name="tunnel1")
-    second = lab.tunnel.popen([WEFT, "tunnel", two.url(host=other_ip), "tcp://127.0.0.1:5434",
-                               f"tcp://{other_ip}:15434"], name="tunnel2")
+    second = lab.tunnel.popen([WEFT, "tunnel", two.url(host=OTHER_SERVER_IP),
+                               "tcp://127.0.0.1:5434", f"tcp://{OTHER_SERVER_IP}:15434"],
+                              name="tunnel2")
     wait_ready(first, 1)
     wait_ready(second, 1)
-    assert {addr for addr, _ in wireguard_listeners(lab.tunnel)} == {"10.1.0.2", "10.1.0.3"}
-    assert peer(lab.visitor, "serverclose", other_ip, 15434, timeout=30) == {"greeting": "hello\n"}
-    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
-    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+    _each_visitor_reaches_the_service_behind_its_server(lab)
 
 
 def test_a_tunnel_address_inside_a_network_of_its_host_is_warned_about(lab: Lab) -> None:
