@@ -138,6 +138,11 @@ class _Isolation:
         self.close()
 
 
+def remove_table(ifname: str) -> None:
+    """Delete the table of interface `ifname` if there is one (an interface left behind)."""
+    _Isolation(ifname).close()
+
+
 class ServerIsolation(_Isolation):
     """On the server host: peers reach nothing here (Weft only dials out), nor each other."""
 

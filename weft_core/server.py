@@ -21,7 +21,7 @@ from . import auth, telemetry
 from .control.api import ControlApi
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import ServerIsolation, check_nftables
-from .hostlock import HostLock
+from .leftovers import claim, remove_if_left_behind, unclaim
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .registry import Registry, TunnelRecord
@@ -31,7 +31,7 @@ from .state import StateDir, make_tls_certificate, write_private
 from .urls import RouteUrl, format_host_port
 from .wireguard import AddressPool, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
-from .wireguard.links import delete_link, link_kind, pool_conflicts
+from .wireguard.links import pool_conflicts
 
 log = logging.getLogger("weft.server")
 
@@ -96,7 +96,6 @@ class Server:
         self.state = StateDir(settings.state_dir)
         self.interface: WireGuardInterface | None = None
         self.isolation: ServerIsolation | None = None
-        self._interface_lock: HostLock | None = None
         self._listeners: list[asyncio.Server] = []
         self.telemetry: telemetry.Telemetry | None = None
         self._stopping = asyncio.Event()
@@ -167,7 +166,10 @@ class Server:
             )
         subnet = self.settings.subnet
         taken = await asyncio.to_thread(pool_conflicts, str(subnet))
-        removed = [name for name in taken if await asyncio.to_thread(_remove_if_left_behind, name)]
+        removed = [
+            name for name in taken
+            if await asyncio.to_thread(remove_if_left_behind, name, SERVER_PREFIX, "server")
+        ]
         if removed:
             taken = await asyncio.to_thread(pool_conflicts, str(subnet))
         if taken:
@@ -179,9 +181,7 @@ class Server:
                 ExitCode.USAGE,
             )
         name = unique_interface_name(SERVER_PREFIX)
-        # Held while the interface lives: a later server can tell it from one left behind.
-        self._interface_lock = HostLock(f"server-{name}")
-        self._interface_lock.try_acquire()
+        claim(name)  # while it lives, a later server can tell it from one left behind
         self.interface = await asyncio.to_thread(
             WireGuardInterface.create,
             name,
@@ -414,35 +414,11 @@ class Server:
         # The interface goes first: no moment with live peers and no filter.
         if self.interface is not None:
             self.interface.close()
+            unclaim(self.interface.name)
             self.interface = None
         if self.isolation is not None:
             self.isolation.close()
             self.isolation = None
-        if self._interface_lock is not None:
-            self._interface_lock.release()
-            self._interface_lock = None
-
-
-def _remove_if_left_behind(name: str) -> bool:
-    """Remove interface `name` and its nftables table if a weft server left it behind; True then.
-
-    A kernel WireGuard interface outlives a server that was killed (wireguard-go's goes with it)
-    and keeps routing the pool: a restarted server would lose its tunnels' traffic to it, or
-    refuse to start. Only a server interface whose server is gone qualifies: a running server
-    holds its interface's HostLock.
-    """
-    if not name.startswith(SERVER_PREFIX) or link_kind(name) not in ("wireguard", "tun"):
-        return False
-    lock = HostLock(f"server-{name}")
-    if not lock.try_acquire():
-        return False  # its server is running
-    try:
-        log.warning("removing interface %s, left behind by a weft server that is gone", name)
-        delete_link(name)
-        ServerIsolation(name).close()
-    finally:
-        lock.release()
-    return True
 
 
 def _suggest_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:

@@ -23,6 +23,7 @@ from .control.client import ControlClient, LoginRefused, ServerUnreachable
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import TunnelIsolation, check_nftables
 from .hostlock import HostLock
+from .leftovers import claim, remove_all_left_behind, unclaim
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .protocol import Endpoint, Route, TunnelProtocol
@@ -38,6 +39,7 @@ log = logging.getLogger("weft.tunnel")
 HANDSHAKE_TIMEOUT = 10.0
 ROUTE_TIMEOUT = 150.0  # POST /routes may wait for an ACME order on the server
 RULE_PRIORITY = 5000
+TUNNEL_PREFIX = "weftt"  # the tunnel's WireGuard interface: weftt + random hex
 ADDRESS_LOCK_TIMEOUT = 30.0
 MAX_AVOID = 16  # addresses /connect may be asked to pass over (the server's limit too)
 
@@ -295,7 +297,7 @@ class Tunnel:
             active.route_id = None
         # The interface goes first: no moment with a live peer and no filter.
         if self.interface is not None:
-            self.interface.close()
+            _close_device(self.interface)
             self.interface = None
         if self.isolation is not None:
             self.isolation.close()
@@ -322,6 +324,7 @@ class Tunnel:
                 "running WITHOUT isolation (--no-isolation): the server can reach every "
                 "service on this host over WireGuard"
             )
+        await asyncio.to_thread(remove_all_left_behind, TUNNEL_PREFIX, "tunnel")
         say(f"weft tunnel {self.name}: connecting to {self.settings.server.address}")
         attempt = 0
         connected_once = False
@@ -398,13 +401,23 @@ class Tunnel:
 
 def _make_device(private_key: str, backend: str) -> WireGuardInterface:
     # The name is picked here, off the event loop, as it asks netlink which names are taken.
-    name = unique_interface_name("weftt")
-    return WireGuardInterface.create(name, private_key, None, backend=backend)
+    name = unique_interface_name(TUNNEL_PREFIX)
+    claim(name)  # while it lives, a later tunnel can tell it from one left behind
+    try:
+        return WireGuardInterface.create(name, private_key, None, backend=backend)
+    except BaseException:
+        unclaim(name)
+        raise
 
 
 def _close_when_made(device: asyncio.Future[WireGuardInterface]) -> None:
     if not device.cancelled() and device.exception() is None:
-        device.result().close()
+        _close_device(device.result())
+
+
+def _close_device(iface: WireGuardInterface) -> None:
+    iface.close()
+    unclaim(iface.name)
 
 
 async def _resolve(host: str) -> str:

@@ -289,3 +289,24 @@ def test_a_tunnel_address_inside_a_network_of_its_host_is_warned_about(lab: Lab)
                          r"with that address is unreachable")
     big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
     assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+
+
+def test_an_interface_left_by_a_killed_tunnel_is_removed_at_start(lab: Lab) -> None:
+    """A kernel WireGuard interface outlives a tunnel that was killed: it keeps the address (a
+    restarted tunnel would have to ask for others, 16 at most) and a peer it keeps greeting.
+    Stand-in (no wireguard module here): a persistent TUN with the tunnel prefix and address.
+    The next tunnel removes it before connecting, and gets that address back."""
+    left = "weftt0dead"
+    for args in (["ip", "tuntap", "add", "dev", left, "mode", "tun"],
+                 ["ip", "addr", "add", "10.1.0.2/32", "dev", left],
+                 ["ip", "link", "set", left, "up"]):
+        lab.tunnel.check(args)
+    server = start_server(lab)
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    tunnel = start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", PUBLIC)
+    tunnel.wait_for_line(rf"removing interface {left}, left behind by a weft tunnel that is gone")
+    assert left not in lab.tunnel.check(["ip", "-o", "link"])
+    assert "already an address of this host" not in tunnel.output()
+    assert [addr for addr, _ in wireguard_listeners(lab.tunnel)] == ["10.1.0.2"]
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}

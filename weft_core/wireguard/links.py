@@ -127,6 +127,17 @@ def link_kind(name: str) -> str | None:
     return worker.run(op)
 
 
+def links_named(prefix: str) -> list[str]:
+    """Names of this namespace's links that start with `prefix`."""
+
+    def op() -> list[str]:
+        with IPRoute() as ipr:
+            names = (str(link.get_attr("IFLA_IFNAME") or "") for link in ipr.get_links())
+            return [name for name in names if name.startswith(prefix)]
+
+    return worker.run(op)
+
+
 def create_wireguard_link(name: str) -> None:
     """`ip link add NAME type wireguard`; NetlinkError(EOPNOTSUPP) when the module is missing."""
 

@@ -1,0 +1,82 @@
+"""Interfaces left behind by weft processes that were killed, and how to tell them from live ones.
+
+A kernel WireGuard interface outlives the process that made it (wireguard-go's goes with its
+process, which dies with weft: PR_SET_PDEATHSIG). After a SIGKILL or the OOM killer it stays,
+with its address, its routes and a peer it keeps sending keepalives to: a restarted server finds
+its pool routed there, a restarted tunnel finds its address taken. So every weft process holds
+`owner_lock(NAME)` while its interface lives (a HostLock: the kernel frees it when the process
+dies), and a later one removes a same-prefix interface whose lock is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+
+from .firewall import remove_table
+from .hostlock import HostLock
+from .wireguard import uapi
+from .wireguard.links import delete_link, link_kind, links_named
+
+log = logging.getLogger("weft.wireguard")
+
+WIREGUARD_KINDS = ("wireguard", "tun")  # kernel WireGuard; wireguard-go's TUN
+
+
+_claimed: dict[str, HostLock] = {}  # this process's interfaces -> their owner locks
+
+
+def owner_lock(name: str) -> HostLock:
+    """The lock the process that owns interface `name` holds while it lives."""
+    return HostLock(f"iface-{name}")
+
+
+def claim(name: str) -> None:
+    """Mark interface `name` as this process's (call before creating it)."""
+    lock = owner_lock(name)
+    if lock.try_acquire():
+        _claimed[name] = lock
+
+
+def unclaim(name: str) -> None:
+    """Interface `name` is gone (or was never made): let go of its lock."""
+    lock = _claimed.pop(name, None)
+    if lock is not None:
+        lock.release()
+
+
+def _served_by_wireguard_go(name: str) -> bool:
+    """Whether a wireguard-go process answers on the UAPI socket of `name`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(uapi.socket_path(name))
+        except OSError:
+            return False
+    return True
+
+
+def remove_if_left_behind(name: str, prefix: str, role: str) -> bool:
+    """Remove interface `name` (and its nftables table) if it is a `prefix` interface whose weft
+    `role` ("server", "tunnel") is gone; True if it was removed. Blocking: netlink and nft."""
+    if not name.startswith(prefix) or link_kind(name) not in WIREGUARD_KINDS:
+        return False
+    if _served_by_wireguard_go(name):
+        return False  # a live wireguard-go: its weft is alive too (or it would have ended it)
+    lock = owner_lock(name)
+    if not lock.try_acquire():
+        return False  # its weft process is running
+    try:
+        log.warning("removing interface %s, left behind by a weft %s that is gone", name, role)
+        with contextlib.suppress(OSError):
+            delete_link(name)
+        remove_table(name)
+    finally:
+        lock.release()
+    return True
+
+
+def remove_all_left_behind(prefix: str, role: str) -> list[str]:
+    """Remove every `prefix` interface left behind by a weft `role` that is gone; their names."""
+    return [name for name in links_named(prefix) if remove_if_left_behind(name, prefix, role)]
