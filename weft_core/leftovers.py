@@ -25,6 +25,7 @@ WIREGUARD_KINDS = ("wireguard", "tun")  # kernel WireGuard; wireguard-go's TUN
 
 
 _claimed: dict[str, HostLock] = {}  # this process's interfaces -> their owner locks
+_swept: set[str] = set()  # prefixes remove_all_left_behind has already looked at
 
 
 def owner_lock(name: str) -> HostLock:
@@ -57,17 +58,20 @@ def _served_by_wireguard_go(name: str) -> bool:
     return True
 
 
-def remove_if_left_behind(name: str, prefix: str, role: str) -> bool:
+def remove_if_left_behind(
+    name: str, prefix: str, role: str, kind: str | None = None
+) -> bool:
     """Remove interface `name` (and its nftables table) if it is a `prefix` interface whose weft
-    `role` ("server", "tunnel") is gone; True if it was removed. Blocking: netlink and nft."""
-    if not name.startswith(prefix) or link_kind(name) not in WIREGUARD_KINDS:
+    `role` ("server", "tunnel") is gone; True if it was removed. `kind` if already known.
+    Blocking: netlink and nft."""
+    if not name.startswith(prefix):
         return False
-    if _served_by_wireguard_go(name):
-        return False  # a live wireguard-go: its weft is alive too (or it would have ended it)
     lock = owner_lock(name)
     if not lock.try_acquire():
-        return False  # its weft process is running
+        return False  # its weft process is running (the cheapest test: one bind)
     try:
+        if (kind or link_kind(name)) not in WIREGUARD_KINDS or _served_by_wireguard_go(name):
+            return False  # not a WireGuard interface, or a live wireguard-go serves it
         log.warning("removing interface %s, left behind by a weft %s that is gone", name, role)
         with contextlib.suppress(OSError):
             delete_link(name)
@@ -78,5 +82,14 @@ def remove_if_left_behind(name: str, prefix: str, role: str) -> bool:
 
 
 def remove_all_left_behind(prefix: str, role: str) -> list[str]:
-    """Remove every `prefix` interface left behind by a weft `role` that is gone; their names."""
-    return [name for name in links_named(prefix) if remove_if_left_behind(name, prefix, role)]
+    """Remove every `prefix` interface left behind by a weft `role` that is gone; their names.
+
+    Once per process and prefix: leftovers come from processes that died before this one started
+    (several tunnels in one process, as in bench/tunnels_driver.py, sweep once)."""
+    if prefix in _swept:
+        return []
+    _swept.add(prefix)
+    return [
+        name for name, kind in links_named(prefix).items()
+        if remove_if_left_behind(name, prefix, role, kind)
+    ]

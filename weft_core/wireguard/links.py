@@ -127,13 +127,19 @@ def link_kind(name: str) -> str | None:
     return worker.run(op)
 
 
-def links_named(prefix: str) -> list[str]:
-    """Names of this namespace's links that start with `prefix`."""
+def links_named(prefix: str) -> dict[str, str | None]:
+    """This namespace's links whose names start with `prefix`: {name: kind} (one dump)."""
 
-    def op() -> list[str]:
+    def op() -> dict[str, str | None]:
         with IPRoute() as ipr:
-            names = (str(link.get_attr("IFLA_IFNAME") or "") for link in ipr.get_links())
-            return [name for name in names if name.startswith(prefix)]
+            found: dict[str, str | None] = {}
+            for link in ipr.get_links():
+                name = str(link.get_attr("IFLA_IFNAME") or "")
+                if name.startswith(prefix):
+                    info = link.get_attr("IFLA_LINKINFO")
+                    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                    found[name] = str(kind) if kind is not None else None
+            return found
 
     return worker.run(op)
 
