@@ -31,7 +31,7 @@ from .state import StateDir, make_tls_certificate, write_private
 from .urls import RouteUrl, format_host_port
 from .wireguard import AddressPool, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
-from .wireguard.links import pool_conflicts
+from .wireguard.links import pool_overlap
 
 log = logging.getLogger("weft.server")
 
@@ -165,21 +165,25 @@ class Server:
                 "this host over WireGuard and each other"
             )
         subnet = self.settings.subnet
-        taken = await asyncio.to_thread(pool_conflicts, str(subnet))
+        overlap = await asyncio.to_thread(pool_overlap, str(subnet))
         removed = [
-            name for name in taken
+            name for name in overlap.taken
             if await asyncio.to_thread(remove_if_left_behind, name, SERVER_PREFIX, "server")
         ]
         if removed:
-            taken = await asyncio.to_thread(pool_conflicts, str(subnet))
-        if taken:
-            where = "; ".join(f"{net} on {name}" for name, net in list(taken.items())[:3])
+            overlap = await asyncio.to_thread(pool_overlap, str(subnet))
+        if overlap.taken:
+            where = "; ".join(f"{net} on {name}" for name, net in list(overlap.taken.items())[:3])
             raise WeftError(
                 f"the WireGuard address pool {subnet} overlaps what this host already routes "
                 f"({where}): another weft server here? Give this one another pool, "
                 f"e.g. --subnet {_suggest_subnet(subnet)}",
                 ExitCode.USAGE,
             )
+        for name, net in overlap.shadowed.items():  # the pool's more specific route wins
+            log.warning(
+                "the WireGuard address pool %s lies inside %s, routed on %s: machines there "
+                "with addresses of the pool are unreachable from this server", subnet, net, name)
         name = unique_interface_name(SERVER_PREFIX)
         claim(name)  # while it lives, a later server can tell it from one left behind
         self.interface = await asyncio.to_thread(

@@ -288,3 +288,16 @@ def test_an_interface_left_by_a_killed_server_is_removed_at_start(lab: Lab) -> N
     start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", f"tcp://{SERVER_IP}:15432")
     big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
     assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}
+
+
+def test_a_wider_route_around_the_pool_is_only_warned_about(lab: Lab) -> None:
+    """A cloud VM whose VPC is routed as 10.0.0.0/8: the pool's more specific 10.1.0.0/16 wins
+    for its own addresses, so the server starts, says what it shadows, and carries traffic."""
+    lab.server.check(["ip", "route", "add", "10.0.0.0/8", "dev", "eth0"])  # no traffic goes there
+    server = start_server(lab)
+    server.proc.wait_for_line(
+        r"the WireGuard address pool 10\.1\.0\.0/16 lies inside 10\.0\.0\.0/8, routed on eth0")
+    service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    start_tunnel(lab, server.url(), "tcp://127.0.0.1:5432", f"tcp://{SERVER_IP}:15432")
+    big = peer(lab.visitor, "stream", SERVER_IP, 15432, 1_000_000, timeout=30)
+    assert big == {"sent": 1_001_024, "received": 1_001_024, "intact": True}

@@ -10,6 +10,7 @@ import errno
 import socket
 from ipaddress import IPv4Network, IPv6Network, ip_interface, ip_network
 
+import attrs
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -84,31 +85,41 @@ def network_routed_to(address: str) -> tuple[str, str] | None:
     return worker.run(op)
 
 
-def pool_conflicts(network: str) -> dict[str, str]:
-    """What of this namespace's routing already covers part of `network`: {interface: prefix},
-    the widest overlapping prefix per interface.
+@attrs.frozen
+class PoolOverlap:
+    """How a WireGuard pool meets the routes a host already has, per interface: {name: prefix}."""
 
-    Routes of the main and local tables (interface addresses, connected networks, static
-    routes; not the default route, not the per-tunnel tables of `weft tunnel`). A WireGuard pool
-    that overlaps one of them would have its traffic, or the other's, go the wrong way.
-    """
+    taken: dict[str, str]  # as specific as the pool or more: they would win the pool's traffic
+    shadowed: dict[str, str]  # wider: the pool would take part of their addresses
+
+
+def pool_overlap(network: str) -> PoolOverlap:
+    """The routes of this namespace's main and local tables (interface addresses, connected
+    networks, static routes; not default routes, not the per-tunnel tables of `weft tunnel`)
+    that overlap `network`, the widest per interface on each side of the pool's own size."""
     pool = ip_network(network)
 
-    def op() -> dict[str, str]:
+    def op() -> PoolOverlap:
         with IPRoute() as ipr:
             names = {int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-            widest: dict[str, IPv4Network | IPv6Network] = {}
+            taken: dict[str, IPv4Network | IPv6Network] = {}
+            shadowed: dict[str, IPv4Network | IPv6Network] = {}
             for msg in ipr.get_routes(family=socket.AF_INET):
                 table = msg.get_attr("RTA_TABLE") or msg["table"]
                 dst = msg.get_attr("RTA_DST")
                 if table not in (MAIN_TABLE, LOCAL_TABLE) or dst is None or not msg["dst_len"]:
                     continue
                 covered = ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-                if covered.overlaps(pool):
-                    name = str(names.get(msg.get_attr("RTA_OIF"), "?"))
-                    if name not in widest or covered.prefixlen < widest[name].prefixlen:
-                        widest[name] = covered
-            return {name: str(net) for name, net in widest.items()}
+                if not covered.overlaps(pool):
+                    continue
+                found = taken if covered.prefixlen >= pool.prefixlen else shadowed
+                name = str(names.get(msg.get_attr("RTA_OIF"), "?"))
+                if name not in found or covered.prefixlen < found[name].prefixlen:
+                    found[name] = covered
+            return PoolOverlap(
+                taken={name: str(net) for name, net in taken.items()},
+                shadowed={name: str(net) for name, net in shadowed.items()},
+            )
 
     return worker.run(op)
 
