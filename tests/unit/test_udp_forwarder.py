@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -258,10 +259,8 @@ def test_an_icmp_error_met_on_send_counts_one_drop_and_still_sends() -> None:
 
 def test_sessions_over_all_routes_are_bounded() -> None:
     async def main() -> None:
-        import weft_udp.forwarder as module
-
-        saved = module.max_total_sessions
-        module.max_total_sessions = 3
+        saved = forwarder_module.max_total_sessions
+        forwarder_module.max_total_sessions = 3
         transport, _ = await start_echo()
         target = transport.get_extra_info("sockname")
         first, second = forwarder(target), forwarder(target)  # two routes, one process budget
@@ -283,7 +282,7 @@ def test_sessions_over_all_routes_are_bounded() -> None:
         finally:
             await second.close()
             transport.close()
-            module.max_total_sessions = saved
+            forwarder_module.max_total_sessions = saved
 
     run(main())
 
@@ -321,6 +320,29 @@ class Sink:
         self.sock.close()
 
 
+@contextlib.asynccontextmanager
+async def sink_and_forwarder(rcvbuf: int | None = None) -> AsyncIterator[tuple[Sink, UdpForwarder]]:
+    """A Sink (with a `rcvbuf`-byte receive buffer if given) and a started forwarder to it."""
+    sink = Sink()
+    if rcvbuf is not None:
+        sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    fwd = forwarder(sink.address)
+    await fwd.start()
+    try:
+        yield sink, fwd
+    finally:
+        await fwd.close()
+        sink.close()
+
+
+def sender(address: tuple[str, int]) -> socket.socket:
+    """A visitor socket connected to `address`, with room to queue a whole burst."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    sock.connect(address)
+    return sock
+
+
 def _burst_sizes() -> list[int]:
     return (
         [1400] * 100 + [700] + [1400] * 5 + [0] + [100] * 3 + [99, 100] + [65507] + [8000] * 9
@@ -332,67 +354,54 @@ def test_bursts_keep_datagram_boundaries_and_order_per_visitor() -> None:
     """Bursts read in one wake-up go out in GSO runs; each datagram arrives whole, in order."""
 
     async def main() -> None:
-        sink = Sink()
-        fwd = forwarder(sink.address)
-        await fwd.start()
-        visitors = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
-        sent: list[list[bytes]] = [[] for _ in visitors]
-        for sock in visitors:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-            sock.connect(fwd.address)
-            sock.send(b"hello")  # open the sessions first
-        await until(lambda: sink.count() == 3)
-        sink.got.clear()
-        sizes = _burst_sizes()
-        # Interleaved and back to back, with no await: the forwarder finds them all queued.
-        for i, size in enumerate(sizes):
-            for v, sock in enumerate(visitors):
-                if v == 2 and i % 2:
-                    continue  # the third visitor sends every other datagram only
-                payload = (b"%d:%d|" % (v, i) + os.urandom(size))[:size]
-                sock.send(payload)
-                sent[v].append(payload)
-        await until(lambda: sink.count() == sum(map(len, sent)))
-        assert sorted(map(len, sink.got.values())) == sorted(map(len, sent))
-        for payloads in sent:
-            (got,) = [d for d in sink.got.values() if d[0] == payloads[0]]
-            assert [len(d) for d in got] == [len(d) for d in payloads]
-            assert got == payloads  # whole, in order, nothing from another visitor
-        assert fwd.gso_sends > 0  # runs did go out in one send each
-        c = fwd.counters
-        assert c.datagrams_in == 3 + sum(map(len, sent)) and c.dropped == 0
-        assert c.bytes_in == 15 + sum(len(d) for p in sent for d in p)
-        await fwd.close()
-        for sock in visitors:
-            sock.close()
-        sink.close()
+        async with sink_and_forwarder() as (sink, fwd):
+            visitors = [sender(fwd.address) for _ in range(3)]
+            sent: list[list[bytes]] = [[] for _ in visitors]
+            for sock in visitors:
+                sock.send(b"hello")  # open the sessions first
+            await until(lambda: sink.count() == 3)
+            sink.got.clear()
+            sizes = _burst_sizes()
+            # Interleaved and back to back, with no await: the forwarder finds them all queued.
+            for i, size in enumerate(sizes):
+                for v, sock in enumerate(visitors):
+                    if v == 2 and i % 2:
+                        continue  # the third visitor sends every other datagram only
+                    payload = (b"%d:%d|" % (v, i) + os.urandom(size))[:size]
+                    sock.send(payload)
+                    sent[v].append(payload)
+            await until(lambda: sink.count() == sum(map(len, sent)))
+            assert sorted(map(len, sink.got.values())) == sorted(map(len, sent))
+            for payloads in sent:
+                (got,) = [d for d in sink.got.values() if d[0] == payloads[0]]
+                assert [len(d) for d in got] == [len(d) for d in payloads]
+                assert got == payloads  # whole, in order, nothing from another visitor
+            assert fwd.gso_sends > 0  # runs did go out in one send each
+            c = fwd.counters
+            assert c.datagrams_in == 3 + sum(map(len, sent)) and c.dropped == 0
+            assert c.bytes_in == 15 + sum(len(d) for p in sent for d in p)
+            for sock in visitors:
+                sock.close()
 
     run(main())
 
 
 def test_without_gso_bursts_still_cross_whole_and_in_order() -> None:
     async def main() -> None:
-        import weft_udp.forwarder as module
-
-        saved, module._gso = module._gso, False
+        saved, forwarder_module._gso = forwarder_module._gso, False
         try:
-            sink = Sink()
-            fwd = forwarder(sink.address)
-            await fwd.start()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-            sock.connect(fwd.address)
-            payloads = [(b"%d|" % i + os.urandom(s))[:s] for i, s in enumerate(_burst_sizes())]
-            for payload in payloads:
-                sock.send(payload)
-            await until(lambda: sink.count() == len(payloads))
-            assert list(sink.got.values()) == [payloads]
-            assert fwd.gso_sends == 0
-            await fwd.close()
-            sock.close()
-            sink.close()
+            async with sink_and_forwarder() as (sink, fwd):
+                sock = sender(fwd.address)
+                sizes = _burst_sizes()
+                payloads = [(b"%d|" % i + os.urandom(s))[:s] for i, s in enumerate(sizes)]
+                for payload in payloads:
+                    sock.send(payload)
+                await until(lambda: sink.count() == len(payloads))
+                assert list(sink.got.values()) == [payloads]
+                assert fwd.gso_sends == 0
+                sock.close()
         finally:
-            module._gso = saved
+            forwarder_module._gso = saved
 
     run(main())
 
@@ -405,23 +414,18 @@ def test_a_burst_of_new_visitors_goes_out_a_batch_at_a_time() -> None:
     """
 
     async def main() -> None:
-        sink = Sink()
-        sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        fwd = forwarder(sink.address)
-        await fwd.start()
-        visitors = [client() for _ in range(500)]
-        sock = visitors[0]
-        sock.sendto(b"first", fwd.address)
-        await until(lambda: sink.count() == 1)
-        for i, sock in enumerate(visitors):
-            sock.sendto(b"visitor %d" % i, fwd.address)
-        await until(lambda: fwd.counters.datagrams_in == 501)
-        await until(lambda: sink.count() == 501)  # none lost in the service's small buffer
-        assert fwd.counters.dropped == 0
-        await fwd.close()
-        for sock in visitors:
-            sock.close()
-        sink.close()
+        async with sink_and_forwarder(rcvbuf=64 * 1024) as (sink, fwd):
+            visitors = [client() for _ in range(500)]
+            sock = visitors[0]
+            sock.sendto(b"first", fwd.address)
+            await until(lambda: sink.count() == 1)
+            for i, sock in enumerate(visitors):
+                sock.sendto(b"visitor %d" % i, fwd.address)
+            await until(lambda: fwd.counters.datagrams_in == 501)
+            await until(lambda: sink.count() == 501)  # none lost in the service's small buffer
+            assert fwd.counters.dropped == 0
+            for sock in visitors:
+                sock.close()
 
     run(main())
 
@@ -495,43 +499,35 @@ def test_a_refused_gso_send_falls_back_to_one_datagram_per_send() -> None:
     """EINVAL and the like turn GSO off for the process; EMSGSIZE for the session only."""
     import errno
 
-    import weft_udp.forwarder as module
-
     async def main(code: int) -> tuple[bool, int, int]:
-        sink = Sink()
-        fwd = forwarder(sink.address)
-        await fwd.start()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        sock.connect(fwd.address)
-        sock.send(b"open")
-        await until(lambda: sink.count() == 1)
-        (key,) = list(fwd.sessions)
-        session = fwd.sessions.peek(key)
-        assert session is not None and session.gso > 1400
-        fake = _RefusingGso(session.sock, code)
-        session.sock = fake  # type: ignore[assignment]
-        payloads = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(100)]
-        for payload in payloads:
-            sock.send(payload)
-        await until(lambda: sink.count() == 101)
-        assert list(sink.got.values()) == [[b"open", *payloads]]
-        assert fwd.counters.dropped == 0 and fwd.counters.datagrams_in == 101
-        session.sock = fake._sock
-        await fwd.close()
-        sock.close()
-        sink.close()
-        return module._gso, session.gso, fake.refused
+        async with sink_and_forwarder() as (sink, fwd):
+            sock = sender(fwd.address)
+            sock.send(b"open")
+            await until(lambda: sink.count() == 1)
+            (key,) = list(fwd.sessions)
+            session = fwd.sessions.peek(key)
+            assert session is not None and session.gso > 1400
+            fake = _RefusingGso(session.sock, code)
+            session.sock = fake  # type: ignore[assignment]
+            payloads = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(100)]
+            for payload in payloads:
+                sock.send(payload)
+            await until(lambda: sink.count() == 101)
+            assert list(sink.got.values()) == [[b"open", *payloads]]
+            assert fwd.counters.dropped == 0 and fwd.counters.datagrams_in == 101
+            session.sock = fake._sock
+            sock.close()
+        return forwarder_module._gso, session.gso, fake.refused
 
-    saved = module._gso
+    saved = forwarder_module._gso
     try:
         gso, session_gso, refused = asyncio.run(main(errno.EINVAL))
         assert gso is False and refused == 1  # tried once, then off for the process
-        module._gso = True
+        forwarder_module._gso = True
         gso, session_gso, refused = asyncio.run(main(errno.EMSGSIZE))
         assert gso is True and session_gso == 0 and refused == 1  # off for that session only
     finally:
-        module._gso = saved
+        forwarder_module._gso = saved
 
 
 def test_request_after_request_is_read_at_once_and_a_queue_on_a_timer() -> None:
