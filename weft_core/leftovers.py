@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
+from collections.abc import Collection
 
 from .firewall import remove_table
 from .hostlock import HostLock
-from .wireguard import uapi
-from .wireguard.links import delete_link, link_kind, links_named
+from .wireguard.links import delete_link, links_named
+from .wireguard.wggo import socket_in_use
 
 log = logging.getLogger("weft.wireguard")
 
@@ -25,7 +25,7 @@ WIREGUARD_KINDS = ("wireguard", "tun")  # kernel WireGuard; wireguard-go's TUN
 
 
 _claimed: dict[str, HostLock] = {}  # this process's interfaces -> their owner locks
-_swept: set[str] = set()  # prefixes remove_all_left_behind has already looked at
+_swept: set[str] = set()  # prefixes remove_left_behind has already looked at
 
 
 def owner_lock(name: str) -> HostLock:
@@ -47,30 +47,31 @@ def unclaim(name: str) -> None:
         lock.release()
 
 
-def _served_by_wireguard_go(name: str) -> bool:
-    """Whether a wireguard-go process answers on the UAPI socket of `name`."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(uapi.socket_path(name))
-        except OSError:
-            return False
-    return True
+def remove_left_behind(
+    prefix: str, role: str, among: Collection[str] | None = None
+) -> list[str]:
+    """Remove the `prefix` interfaces (and their nftables tables) left behind by a weft `role`
+    ("server", "tunnel") that is gone, only those named in `among` if given; their names.
+
+    Once per process and prefix: leftovers come from processes that died before this one
+    started (several tunnels in one process, as in bench/tunnels_driver.py, look once).
+    Blocking: netlink and nft.
+    """
+    if prefix in _swept:
+        return []
+    _swept.add(prefix)
+    return [
+        name for name, kind in links_named(prefix).items()
+        if (among is None or name in among) and _remove_if_left_behind(name, kind, role)
+    ]
 
 
-def remove_if_left_behind(
-    name: str, prefix: str, role: str, kind: str | None = None
-) -> bool:
-    """Remove interface `name` (and its nftables table) if it is a `prefix` interface whose weft
-    `role` ("server", "tunnel") is gone; True if it was removed. `kind` if already known.
-    Blocking: netlink and nft."""
-    if not name.startswith(prefix):
-        return False
+def _remove_if_left_behind(name: str, kind: str | None, role: str) -> bool:
     lock = owner_lock(name)
     if not lock.try_acquire():
         return False  # its weft process is running (the cheapest test: one bind)
     try:
-        if (kind or link_kind(name)) not in WIREGUARD_KINDS or _served_by_wireguard_go(name):
+        if kind not in WIREGUARD_KINDS or socket_in_use(name):
             return False  # not a WireGuard interface, or a live wireguard-go serves it
         log.warning("removing interface %s, left behind by a weft %s that is gone", name, role)
         with contextlib.suppress(OSError):
@@ -79,17 +80,3 @@ def remove_if_left_behind(
     finally:
         lock.release()
     return True
-
-
-def remove_all_left_behind(prefix: str, role: str) -> list[str]:
-    """Remove every `prefix` interface left behind by a weft `role` that is gone; their names.
-
-    Once per process and prefix: leftovers come from processes that died before this one started
-    (several tunnels in one process, as in bench/tunnels_driver.py, sweep once)."""
-    if prefix in _swept:
-        return []
-    _swept.add(prefix)
-    return [
-        name for name, kind in links_named(prefix).items()
-        if remove_if_left_behind(name, prefix, role, kind)
-    ]

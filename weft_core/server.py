@@ -21,7 +21,7 @@ from . import auth, telemetry
 from .control.api import ControlApi
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import ServerIsolation, check_nftables
-from .leftovers import claim, remove_if_left_behind, unclaim
+from .leftovers import claim, remove_left_behind, unclaim
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .registry import Registry, TunnelRecord
@@ -166,12 +166,13 @@ class Server:
             )
         subnet = self.settings.subnet
         overlap = await asyncio.to_thread(pool_overlap, str(subnet))
-        removed = [
-            name for name in overlap.taken
-            if await asyncio.to_thread(remove_if_left_behind, name, SERVER_PREFIX, "server")
-        ]
-        if removed:
-            overlap = await asyncio.to_thread(pool_overlap, str(subnet))
+        # A server killed earlier may have left its interface routing the pool: not a conflict.
+        if overlap.taken:
+            removed = await asyncio.to_thread(
+                remove_left_behind, SERVER_PREFIX, "server", set(overlap.taken)
+            )
+            if removed:
+                overlap = await asyncio.to_thread(pool_overlap, str(subnet))
         if overlap.taken:
             where = "; ".join(f"{net} on {name}" for name, net in list(overlap.taken.items())[:3])
             raise WeftError(

@@ -19,11 +19,12 @@ from typing import Any
 import attrs
 
 from . import telemetry
+from .control.api import MAX_AVOID
 from .control.client import ControlClient, LoginRefused, ServerUnreachable
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import TunnelIsolation, check_nftables
 from .hostlock import HostLock
-from .leftovers import claim, remove_all_left_behind, unclaim
+from .leftovers import claim, remove_left_behind, unclaim
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
 from .protocol import Endpoint, Route, TunnelProtocol
@@ -32,7 +33,7 @@ from .settings import TunnelSettings
 from .urls import RouteUrl, format_host_port, parse_route_url
 from .wireguard import Peer, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
-from .wireguard.links import is_local_address, network_routed_to
+from .wireguard.links import address_on_host
 
 log = logging.getLogger("weft.tunnel")
 
@@ -41,7 +42,6 @@ ROUTE_TIMEOUT = 150.0  # POST /routes may wait for an ACME order on the server
 RULE_PRIORITY = 5000
 TUNNEL_PREFIX = "weftt"  # the tunnel's WireGuard interface: weftt + random hex
 ADDRESS_LOCK_TIMEOUT = 30.0
-MAX_AVOID = 16  # addresses /connect may be asked to pass over (the server's limit too)
 
 
 class RouteRefused(WeftError):
@@ -172,13 +172,14 @@ class Tunnel:
                 ipaddress.IPv4Address(address)
             except ValueError:
                 return answer  # _bring_up rejects it with a clear error
-            if not await asyncio.to_thread(is_local_address, address):
-                routed = await asyncio.to_thread(network_routed_to, address)
-                if routed is not None:  # a LAN of this host uses the pool's addresses
+            on_host = await asyncio.to_thread(address_on_host, address)
+            if not on_host.local:
+                if on_host.network is not None:  # a LAN of this host uses the pool's addresses
                     say(
-                        f"weft tunnel {self.name}: warning: {address} is also in {routed[0]} on "
-                        f"{routed[1]}: a machine there with that address is unreachable from "
-                        "this host while the tunnel runs (the server's --subnet picks the pool)"
+                        f"weft tunnel {self.name}: warning: {address} is also in "
+                        f"{on_host.network} on {on_host.ifname}: a machine there with that "
+                        "address is unreachable from this host while the tunnel runs (the "
+                        "server's --subnet picks the pool)"
                     )
                 return answer
             if len(avoid) >= MAX_AVOID:
@@ -324,7 +325,7 @@ class Tunnel:
                 "running WITHOUT isolation (--no-isolation): the server can reach every "
                 "service on this host over WireGuard"
             )
-        await asyncio.to_thread(remove_all_left_behind, TUNNEL_PREFIX, "tunnel")
+        await asyncio.to_thread(remove_left_behind, TUNNEL_PREFIX, "tunnel")
         say(f"weft tunnel {self.name}: connecting to {self.settings.server.address}")
         attempt = 0
         connected_once = False

@@ -24,20 +24,25 @@ def test_a_claimed_interface_is_owned_until_unclaimed() -> None:
     leftovers.unclaim(name)  # twice, or never claimed: nothing happens
 
 
-def test_a_tun_served_by_a_live_wireguard_go_is_not_a_leftover(
+def test_only_unowned_wireguard_leftovers_of_the_prefix_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """wireguard-go's UAPI socket answers while it runs: its interface is never removed, even
-    without an owner lock (a weft of an older version, say)."""
+    without an owner lock (a weft of an older version, say); nor another kind of link, one
+    outside `among`, or one not named like ours. And a process looks once."""
     monkeypatch.setattr(uapi, "socket_path", lambda name: str(tmp_path / f"{name}.sock"))
-    monkeypatch.setattr(leftovers, "link_kind", lambda name: "tun")
+    host = {"wefttlive": "tun", "weftt0dead": "tun", "wefttveth0": "veth", "weftt0away": "tun",
+            "eth0": "tun"}
+    monkeypatch.setattr(leftovers, "links_named", lambda prefix: {
+        name: kind for name, kind in host.items() if name.startswith(prefix)})
+    monkeypatch.setattr(leftovers, "_swept", set())
     removed: list[str] = []
     monkeypatch.setattr(leftovers, "delete_link", removed.append)
     monkeypatch.setattr(leftovers, "remove_table", lambda name: None)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as served:
         served.bind(str(tmp_path / "wefttlive.sock"))
         served.listen()
-        assert not leftovers.remove_if_left_behind("wefttlive", "weftt", "tunnel")
-    assert leftovers.remove_if_left_behind("weftt0dead", "weftt", "tunnel")  # nobody answers
-    assert not leftovers.remove_if_left_behind("eth0", "weftt", "tunnel")  # not ours by name
-    assert removed == ["weftt0dead"]
+        among = {"wefttlive", "weftt0dead", "wefttveth0", "eth0"}
+        assert leftovers.remove_left_behind("weftt", "tunnel", among) == ["weftt0dead"]
+    assert removed == ["weftt0dead"]  # nobody answers for it, nobody holds its lock
+    assert leftovers.remove_left_behind("weftt", "tunnel") == []  # once per process

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 from ipaddress import IPv4Network, IPv6Network, ip_interface, ip_network
+from typing import Any
 
 import attrs
 from pyroute2 import IPRoute
@@ -39,48 +40,51 @@ def link_exists(name: str) -> bool:
 
 
 RTN_LOCAL = 2  # a route of type "local": the address belongs to this host
-
-
-def is_local_address(address: str) -> bool:
-    """Whether an interface of this namespace has `address` (one route lookup, no dump).
-
-    The routing answer, not a test bind, which `net.ipv4.ip_nonlocal_bind=1` would fool.
-    """
-
-    def op() -> bool:
-        with IPRoute() as ipr:
-            try:
-                found = ipr.route("get", dst=address)
-            except NetlinkError:  # unreachable from here: certainly not local
-                return False
-            return any(msg["type"] == RTN_LOCAL for msg in found)
-
-    return worker.run(op)
-
-
 MAIN_TABLE, LOCAL_TABLE = 254, 255
 RTM_F_FIB_MATCH = 0x2000  # answer with the routing entry that matched, prefix and all
 
 
-def network_routed_to(address: str) -> tuple[str, str] | None:
-    """(network, interface) of the main-table route, other than a default route, that covers
-    `address` on this host, e.g. ("10.1.0.0/24", "eth0"); None if only a default route does."""
+def _table_and_network(msg: Any) -> tuple[int, IPv4Network | IPv6Network | None]:
+    """A route message's table and destination network (None for a default route)."""
+    table = int(msg.get_attr("RTA_TABLE") or msg["table"])
+    dst = msg.get_attr("RTA_DST")
+    if dst is None or not msg["dst_len"]:
+        return table, None
+    return table, ip_network(f"{dst}/{msg['dst_len']}", strict=False)
 
-    def op() -> tuple[str, str] | None:
+
+@attrs.frozen
+class AddressOnHost:
+    """What this host's routing makes of an address."""
+
+    local: bool = False  # an interface here has it
+    network: str | None = None  # else the network of a main-table route covering it (no default)
+    ifname: str | None = None  # and that route's interface
+
+
+def address_on_host(address: str) -> AddressOnHost:
+    """Whether `address` is one of this namespace's, or inside a network it routes.
+
+    One route lookup (the routing entry that matched), not a dump; and the routing answer, not a
+    test bind, which `net.ipv4.ip_nonlocal_bind=1` would fool.
+    """
+
+    def op() -> AddressOnHost:
         with IPRoute() as ipr:
             try:
                 found = ipr.route("get", dst=address, flags=RTM_F_FIB_MATCH)
-            except NetlinkError:
-                return None
+            except NetlinkError:  # unreachable from here: neither
+                return AddressOnHost()
             for msg in found:
-                table = msg.get_attr("RTA_TABLE") or msg["table"]
-                dst = msg.get_attr("RTA_DST")
-                if table != MAIN_TABLE or dst is None or not msg["dst_len"]:
+                if msg["type"] == RTN_LOCAL:
+                    return AddressOnHost(local=True)
+                table, network = _table_and_network(msg)
+                if table != MAIN_TABLE or network is None:
                     continue
                 links = ipr.get_links(msg.get_attr("RTA_OIF"))
                 name = links[0].get_attr("IFLA_IFNAME") if links else "?"
-                return str(ip_network(f"{dst}/{msg['dst_len']}", strict=False)), str(name)
-            return None
+                return AddressOnHost(network=str(network), ifname=str(name))
+            return AddressOnHost()
 
     return worker.run(op)
 
@@ -105,11 +109,9 @@ def pool_overlap(network: str) -> PoolOverlap:
             taken: dict[str, IPv4Network | IPv6Network] = {}
             shadowed: dict[str, IPv4Network | IPv6Network] = {}
             for msg in ipr.get_routes(family=socket.AF_INET):
-                table = msg.get_attr("RTA_TABLE") or msg["table"]
-                dst = msg.get_attr("RTA_DST")
-                if table not in (MAIN_TABLE, LOCAL_TABLE) or dst is None or not msg["dst_len"]:
+                table, covered = _table_and_network(msg)
+                if table not in (MAIN_TABLE, LOCAL_TABLE) or covered is None:
                     continue
-                covered = ip_network(f"{dst}/{msg['dst_len']}", strict=False)
                 if not covered.overlaps(pool):
                     continue
                 found = taken if covered.prefixlen >= pool.prefixlen else shadowed
@@ -120,20 +122,6 @@ def pool_overlap(network: str) -> PoolOverlap:
                 taken={name: str(net) for name, net in taken.items()},
                 shadowed={name: str(net) for name, net in shadowed.items()},
             )
-
-    return worker.run(op)
-
-
-def link_kind(name: str) -> str | None:
-    """The kind of link `name` ("wireguard", "tun", "veth", ...), None if it has none or is gone."""
-
-    def op() -> str | None:
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=name)
-            if not found:
-                return None
-            info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
-            return str(info.get_attr("IFLA_INFO_KIND")) if info is not None else None
 
     return worker.run(op)
 
