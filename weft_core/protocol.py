@@ -49,6 +49,10 @@ class Published:
     endpoint: Endpoint
     public_url: str  # e.g. tcp://198.51.100.1:15432 or https://app.example.com
     remote: RouteUrl  # the remote URL with host and port as actually bound (reused on reconnect)
+    # JSON-safe settings the tunnel's forwarder must follow for this route (e.g. weft-udp's
+    # session limits, so both sides forget a visitor in step); sent back with the answer and
+    # handed to the protocol's optional `accept_terms` on the tunnel.
+    terms: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 class ServerContext(Protocol):
@@ -128,6 +132,10 @@ class TunnelProtocol(Protocol):
     async def open_tunnel_forwarder(self, route: Route, ctx: TunnelContext) -> tuple[Endpoint, int]:
         """Open the forwarder on the tunnel; return it and the port it listens on."""
         ...
+
+    # Optional: `accept_terms(forwarder, terms: Mapping[str, Any]) -> None` applies to the
+    # tunnel's forwarder the `Published.terms` the server answered with (called after every
+    # successful publication, reconnects included). Without it, terms are ignored.
 
 
 def validate_port_route(route: Route, local_schemes: tuple[str, ...], example: str) -> Route:

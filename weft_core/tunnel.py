@@ -269,6 +269,10 @@ class Tunnel:
             active.public_url = str(answer["public_url"])
             with contextlib.suppress(WeftError):
                 active.reclaim = parse_route_url(str(answer["remote"]))
+            terms = answer.get("terms")
+            accept = getattr(active.protocol, "accept_terms", None)
+            if accept is not None and isinstance(terms, dict) and active.forwarder is not None:
+                accept(active.forwarder, terms)
             say(f"ready  {active.public_url} -> {active.route.local}")
         if refused and len(refused) == len(self.routes):
             raise RouteRefused("the server refused every route: " + "; ".join(refused))

@@ -225,6 +225,29 @@ def test_flood_of_new_sources_stays_under_the_cap_with_bounded_memory(lab: Lab) 
     assert udp_peer(lab.visitor, "probe", SERVER_IP, 17000, 5) == {"state": "answered"}
 
 
+def test_the_tunnel_follows_the_servers_session_limits(lab: Lab) -> None:
+    """A tunnel left at its defaults (60 s, 10,000 sessions) behind a server with 2 s and 50.
+
+    Were the tunnel to keep sessions the server has closed, the server's kernel would hand a
+    closed session's port to a new visitor, who would then ride the old visitor's socket to the
+    local service (a review reproduced it: 155 of 2,993 visitors). So the tunnel's sessions are
+    bounded by the server's cap and gone before the server's idle timeout.
+    """
+    server = start_server(lab, "--udp-idle-timeout", "2", "--udp-max-sessions", "50")
+    udp_echo(lab.tunnel, 7000)
+    tunnel = start_tunnel(lab, server.url(), "udp://127.0.0.1:7000", "udp://:17000")
+    tunnel_fds = open_fds(tunnel)
+
+    flood = udp_peer(lab.visitor, "flood", SERVER_IP, 17000, 400, 40, 30000)
+    assert flood["sent"] == 400 and flood["foreign"] == 0, flood
+    assert flood["replied"] >= 0.98 * 400, flood
+    assert route_counters(lab, server.url())["open"] <= 50
+    assert open_fds(tunnel) <= tunnel_fds + 50, "the tunnel kept sessions the server evicted"
+    wait_until(lambda: open_fds(tunnel) <= tunnel_fds + 2, timeout=6,
+               message="the tunnel to close its sessions within the server's idle timeout")
+    assert udp_peer(lab.visitor, "probe", SERVER_IP, 17000, 5) == {"state": "answered"}
+
+
 def test_server_restart_same_port_and_clean_goodbye(lab: Lab) -> None:
     server = start_server(lab)
     udp_echo(lab.tunnel, 7000)

@@ -14,6 +14,7 @@ import pytest
 
 import weft_udp.forwarder as forwarder_module
 from weft_core import HOST_NET, ConnectionSummary
+from weft_udp import UdpProtocol
 from weft_udp.forwarder import UdpForwarder
 
 LO = "127.0.0.1"
@@ -201,6 +202,33 @@ def test_cap_evicts_least_recently_used_and_bounds_sockets() -> None:
         await fwd.close()
         transport.close()
         busy.close()
+
+    run(main())
+
+
+def test_following_the_servers_limits_closes_sessions_beyond_them_and_expires_sooner() -> None:
+    async def main() -> None:
+        transport, _ = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"))  # 60 s and 10,000 of its own
+        await fwd.start()
+        before = open_fds()
+        clients = [client() for _ in range(20)]
+        for sock in clients:
+            assert await exchange(sock, fwd.address, b"x") == b"x"
+        # The server answered its route with 1 s and 10 sessions: 0.75 s and 10 here.
+        UdpProtocol().accept_terms(fwd, {"idle_timeout": 1.0, "max_sessions": 10})
+        assert fwd.counters.open == 10 and len(fwd.sessions) == 10
+        assert fwd.idle_timeout == 0.75
+        await until(lambda: fwd.counters.open == 0, timeout=3)  # not 60 s
+        await asyncio.sleep(0)
+        await until(lambda: open_fds() <= before + len(clients), timeout=3)
+        # Terms it cannot read change nothing.
+        UdpProtocol().accept_terms(fwd, {"idle_timeout": "soon", "max_sessions": -1})
+        assert fwd.idle_timeout == 0.75 and fwd.sessions.max_sessions == 10
+        for sock in clients:
+            sock.close()
+        await fwd.close()
+        transport.close()
 
     run(main())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from weft_udp.sessions import SessionTable
+from weft_udp.sessions import SessionTable, in_step
 
 A, B, C, D = ("198.51.100.20", 1001), ("198.51.100.20", 1002), ("198.51.100.21", 1001), ("::1", 9)
 
@@ -110,3 +110,26 @@ def test_pop_and_clear() -> None:
 def test_bad_limits_are_refused(idle: float, cap: int) -> None:
     with pytest.raises(ValueError):
         SessionTable(idle_timeout=idle, max_sessions=cap)
+
+
+def test_the_tunnel_side_forgets_before_the_server_side() -> None:
+    # Defaults on both sides: 2 s and 1% under the server's.
+    assert in_step(60.0, 10_000, 60.0, 10_000) == (58.0, 9_900)
+    # The tunnel's own smaller settings stay; larger ones follow the server.
+    assert in_step(10.0, 500, 60.0, 10_000) == (10.0, 500)
+    assert in_step(300.0, 50_000, 30.0, 1_000) == (28.0, 990)
+    # A short server timeout keeps a quarter as margin; a tiny cap stays at least 1.
+    assert in_step(60.0, 10_000, 1.0, 1) == (0.75, 1)
+    # Adopting twice changes nothing (a route re-published on the same forwarder).
+    once = in_step(60.0, 10_000, 20.0, 300)
+    assert in_step(*once, 20.0, 300) == once
+
+
+def test_lowering_the_limits_evicts_the_least_recently_used() -> None:
+    table: SessionTable[str, int] = SessionTable(idle_timeout=60, max_sessions=10)
+    for i in range(6):
+        table.add(f"v{i}", i, now=float(i))
+    table.get("v0", now=10.0)  # v0 is now the most recently used
+    assert table.limit(idle_timeout=5, max_sessions=3) == [("v1", 1), ("v2", 2), ("v3", 3)]
+    assert list(table) == ["v4", "v5", "v0"] and table.max_sessions == 3
+    assert table.expire(now=10.5) == [("v4", 4), ("v5", 5)]  # the new idle timeout applies

@@ -389,6 +389,7 @@ class ControlApi:
             "id": route_id,
             "public_url": published.public_url,
             "remote": str(published.remote),
+            "terms": dict(published.terms),
         }
 
     async def delete_route(

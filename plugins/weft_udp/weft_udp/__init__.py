@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from weft_core import (
@@ -79,12 +79,14 @@ def _add_options(parser: argparse.ArgumentParser, side: str) -> None:
         metavar="SECONDS",
         help=f"end a UDP session after this long without a datagram either way "
         f"(default {DEFAULT_IDLE_TIMEOUT:.0f})"
-        + ("; keep it at least the server's" if side == "tunnel" else ""),
+        + ("; a tunnel follows the server's when that is shorter (a little under it, so it "
+           "forgets a visitor first)" if side == "tunnel" else ""),
     )
     group.add_argument(
         "--udp-max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
         help=f"UDP sessions per route at most; the least recently used makes room "
-        f"(default {DEFAULT_MAX_SESSIONS})",
+        f"(default {DEFAULT_MAX_SESSIONS})"
+        + ("; a tunnel stays 1%% under the server's" if side == "tunnel" else ""),
     )
     group.add_argument(
         "--udp-max-total-sessions", type=_positive_int, default=DEFAULT_MAX_TOTAL, metavar="N",
@@ -189,7 +191,9 @@ class UdpProtocol:
             on_close=ctx.connection_closed,
         )
         bound = route.remote.with_host(host).with_port(forwarder.address[1])
-        return Published(endpoint=forwarder, public_url=str(bound), remote=bound)
+        # The tunnel's forwarder must forget each visitor before this side does (accept_terms).
+        terms = {"idle_timeout": idle, "max_sessions": forwarder.sessions.max_sessions}
+        return Published(endpoint=forwarder, public_url=str(bound), remote=bound, terms=terms)
 
     async def open_tunnel_forwarder(
         self, route: Route, ctx: TunnelContext
@@ -208,6 +212,13 @@ class UdpProtocol:
             on_close=ctx.connection_closed,
         )
         return forwarder, forwarder.address[1]
+
+    def accept_terms(self, forwarder: UdpForwarder, terms: Mapping[str, Any]) -> None:
+        """Follow the server's session limits (see `sessions.in_step`): a session the server
+        has closed must be gone here before its port can come back for another visitor."""
+        idle, cap = terms.get("idle_timeout"), terms.get("max_sessions")
+        if isinstance(idle, int | float) and isinstance(cap, int) and idle > 0 and cap > 0:
+            forwarder.follow(float(idle), cap)
 
 
 @hookimpl

@@ -42,7 +42,7 @@ import asyncio_dgram
 from weft_core import ConnectionSummary, Counters, NetContext
 
 from .dgram import connected_stream
-from .sessions import SessionTable
+from .sessions import SessionTable, in_step
 
 log = logging.getLogger("weft.udp")
 
@@ -231,6 +231,17 @@ class UdpForwarder:
     @property
     def idle_timeout(self) -> float:
         return self.sessions.idle_timeout
+
+    def follow(self, server_idle: float, server_max: int) -> None:
+        """Adopt limits that make this (tunnel-side) forwarder forget sessions before the
+        server's does (`sessions.in_step`); sessions beyond the new cap close at once."""
+        idle, cap = in_step(self.sessions.idle_timeout, self.sessions.max_sessions,
+                            server_idle, server_max)
+        for _, session in self.sessions.limit(idle, cap):
+            self._close_session(session, "evicted")
+        if self._sweeper is not None and not self._closed:  # a shorter timeout sweeps sooner
+            self._sweeper.cancel()
+            self._schedule_sweep()
 
     async def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()

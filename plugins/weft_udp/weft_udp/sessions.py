@@ -22,6 +22,28 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+def in_step(
+    own_idle: float, own_max: int, server_idle: float, server_max: int
+) -> tuple[float, int]:
+    """The tunnel side's idle timeout and cap for a route, given the server side's.
+
+    The tunnel knows a session by the server's socket address (its WireGuard address and a port),
+    and the server's kernel hands a port it has closed to the next new visitor. Were the tunnel
+    still holding that port's session, the new visitor would ride the old visitor's socket to the
+    local service and get what the service sends the old one. So the tunnel must forget a session
+    before the server does, never after:
+
+    - idle: shorter than the server's by a margin that covers the sweepers' granularity (up to a
+      second each) and a datagram still in flight: 2 s, or a quarter of a short timeout;
+    - cap: 1% under the server's, so when both LRU orders differ slightly (a reply lost between
+      them) the session the server evicts has already gone on the tunnel.
+
+    The tunnel's own settings still apply when they are smaller.
+    """
+    margin = min(2.0, server_idle / 4)
+    return min(own_idle, server_idle - margin), max(1, min(own_max, server_max - server_max // 100))
+
+
 class _Entry(Generic[V]):
     __slots__ = ("created", "last", "value")
 
@@ -100,6 +122,17 @@ class SessionTable(Generic[K, V]):
             evicted.append((lru_key, lru.value))
             self.evicted += 1
         self._entries[key] = _Entry(value, now)
+        return evicted
+
+    def limit(self, idle_timeout: float, max_sessions: int) -> list[tuple[K, V]]:
+        """Change the limits; return the sessions evicted (least recently used first) to fit."""
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        evicted: list[tuple[K, V]] = []
+        while len(self._entries) > max_sessions:
+            lru_key, lru = self._entries.popitem(last=False)
+            evicted.append((lru_key, lru.value))
+            self.evicted += 1
         return evicted
 
     def pop(self, key: K) -> V | None:
