@@ -40,8 +40,13 @@ def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
         host, port_text = text.split(":", 1)
     else:
         host, port_text = text, None
-    if host and not _is_ip(host) and not _HOSTNAME_RE.match(host):
-        raise UsageError(f"{what}: {host!r} is not a valid host name or address")
+    if host and not _is_ip(host):
+        try:
+            host = ascii_host_name(host)
+        except HostNameError as exc:
+            raise UsageError(f"{what}: {exc}") from None
+        if not _HOSTNAME_RE.match(host):
+            raise UsageError(f"{what}: {host!r} is not a valid host name or address")
     if port_text is None:
         return host, None
     if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 <= int(port_text) <= 65535:
@@ -55,6 +60,64 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class HostNameError(ValueError):
+    """A name that has no A-label form; the message says what to fix."""
+
+
+def ascii_host_name(name: str) -> str:
+    """The one form of a DNS name that Weft compares: lower case, A-labels (`xn--...`).
+
+    Route names, Host headers, SNI, certificate names and ACME orders must all agree, so they
+    all come through here. Non-ASCII names follow IDNA2008 with UTS #46 mapping, as browsers
+    do: `faß.example` is `xn--fa-hia.example` (Python's own "idna" codec is IDNA2003 and says
+    `fass.example`, a different name). ASCII names are only lower-cased: the idna package is
+    slow, and Host headers, nearly always ASCII, must not pay for it.
+    """
+    if name.isascii():
+        return name.lower()
+    import idna  # here, not at the top: only the rare non-ASCII name pays for loading it
+
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except (UnicodeError, ValueError) as exc:  # idna.IDNAError is a UnicodeError
+        raise HostNameError(_idna_advice(name, exc)) from None
+
+
+def _idna_advice(name: str, exc: Exception) -> str:
+    reason = str(exc).rstrip(".")
+    fix = ("check the spelling: no empty labels (..), at most 63 characters per label once "
+           "converted, letters, digits and hyphens; or give the name in its xn-- form")
+    try:
+        # The IDNA2003 form still works for names registered before IDNA2008 (☃.net is
+        # xn--n3h.net): if DNS holds that form, the user can say so explicitly.
+        old = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        old = ""
+    if old:
+        fix = (f"browsers do not accept this name under IDNA2008; if DNS holds its older "
+               f"IDNA2003 form, write that instead: {old}")
+    return f"{name!r} is not a valid international domain name ({reason}); {fix}"
+
+
+def readable_url(url: str) -> str:
+    """`https://xn--bcher-kva.example` -> `https://xn--bcher-kva.example (bücher.example)`.
+
+    The URL itself keeps the A-label (every client accepts it, and it is the name routed and
+    certified); the Unicode name is added so that users recognise what they typed.
+    """
+    if "xn--" not in url.lower():
+        return url
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    import idna  # see ascii_host_name
+
+    try:
+        unicode_name = idna.decode(host)
+    except (UnicodeError, ValueError):
+        return url  # not IDNA2008 (an old IDNA2003 name): the A-label is all we can show
+    return url if unicode_name == host.lower() else f"{url} ({unicode_name})"
 
 
 def format_host_port(host: str, port: int) -> str:
@@ -120,7 +183,8 @@ def _redact(text: str) -> str:
 
 @attrs.frozen
 class RouteUrl:
-    """One side of a route: `scheme://host[:port][/path]`, scheme lower-case, host as written.
+    """One side of a route: `scheme://host[:port][/path]`, scheme lower-case, DNS names as
+    lower-case A-labels (`ascii_host_name`), IP addresses as written.
 
     An empty host means "the default" (for a remote tcp/udp side: the address the tunnel logged in
     through); a missing port is None and the protocol plugin decides what it means.

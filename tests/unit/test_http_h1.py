@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import idna
 import pytest
 
+from weft_core.urls import parse_route_url
 from weft_http import h1
 
 
@@ -105,6 +107,38 @@ def test_length_tracker_stops_at_the_end() -> None:
 ])
 def test_normalize_host(value: str, expected: str | None) -> None:
     assert h1.normalize_host(value) == expected
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("faß.example", "xn--fa-hia.example"),  # IDNA2008 + UTS #46 like browsers, not IDNA2003 "fass"
+    ("BÜCHER.example:443", "xn--bcher-kva.example"),
+    ("xn--fa-hia.example", "xn--fa-hia.example"),
+    ("☃.example", None),  # IDNA2008 forbids it (IDNA2003 made it xn--n3h.example)
+])
+def test_normalize_host_uses_idna2008(value: str, expected: str | None) -> None:
+    assert h1.normalize_host(value) == expected
+
+
+@pytest.mark.parametrize("name", [
+    "bücher.example", "faß.example", "App.Example.com", "\uff21\uff22\uff23.de",  # full-width ABC
+])
+def test_host_header_and_route_name_agree(name: str) -> None:
+    assert h1.normalize_host(name) == parse_route_url(f"https://{name}").host
+
+
+def test_utf8_host_header_routes_like_its_a_label() -> None:
+    # Header bytes are decoded as latin-1; a client that sends the name raw in UTF-8 still
+    # reaches the route (browsers and curl send the A-label; this is the odd client).
+    head = "GET / HTTP/1.1\r\nHost: faß.example\r\n\r\n".encode()
+    assert h1.parse_request_head(head).host == "xn--fa-hia.example"
+
+
+def test_ascii_host_headers_never_touch_the_idna_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(*_args: object, **_kwargs: object) -> bytes:
+        raise AssertionError("idna used for an ASCII name")
+
+    monkeypatch.setattr(idna, "encode", slow)
+    assert h1.normalize_host("App.Example.COM:8080") == "app.example.com"
 
 
 def test_forwarding_headers_replace_the_visitors() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import idna
 import pytest
 
 from weft_core.errors import ExitCode, UsageError
@@ -9,9 +10,11 @@ from weft_core.urls import (
     DEFAULT_CONTROL_PORT,
     RouteUrl,
     ServerUrl,
+    ascii_host_name,
     format_host_port,
     parse_route_url,
     parse_server_url,
+    readable_url,
 )
 
 SECRET = "Zm9vYmFyLXNlY3JldC10aGF0LW11c3QtbmV2ZXItbGVhaw"
@@ -158,7 +161,7 @@ def test_server_url_port_zero_is_refused() -> None:
         ("https://app.example.com", RouteUrl("https", "app.example.com", None)),
         ("https://app.example.com/", RouteUrl("https", "app.example.com", None)),
         ("http://localhost:8080/api/v1", RouteUrl("http", "localhost", 8080, "/api/v1")),
-        ("TCP://LocalHost:1", RouteUrl("tcp", "LocalHost", 1)),  # scheme lower-cased only
+        ("TCP://LocalHost:1", RouteUrl("tcp", "localhost", 1)),  # DNS names: one lower-case form
         ("tcp://h:65535", RouteUrl("tcp", "h", 65535)),
     ],
 )
@@ -235,3 +238,69 @@ def test_format_host_port() -> None:
     assert format_host_port("10.0.0.1", 80) == "10.0.0.1:80"
     assert format_host_port("::1", 80) == "[::1]:80"
     assert format_host_port("example.com", 443) == "example.com:443"
+
+
+# --- international names (IDNA) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [
+        ("https://bücher.example", "xn--bcher-kva.example"),
+        ("https://BÜCHER.Example:8443", "xn--bcher-kva.example"),  # UTS #46 maps case
+        ("https://faß.example", "xn--fa-hia.example"),  # IDNA2008, as browsers; not "fass"
+        # full-width letters
+        ("https://\uff21\uff30\uff30.bücher.example", "app.xn--bcher-kva.example"),
+        ("https://xn--bcher-kva.example", "xn--bcher-kva.example"),  # A-label as written
+        ("https://App.Example.COM", "app.example.com"),  # ASCII names: lower case only
+        ("tcp://a_b.example:1", "a_b.example"),  # underscores stay allowed in ASCII names
+    ],
+)
+def test_route_names_become_lowercase_a_labels(text: str, host: str) -> None:
+    assert parse_route_url(text, "remote URL").host == host
+
+
+def test_server_url_accepts_an_international_name() -> None:
+    assert parse_server_url(f"weft://{SECRET}@bücher.example:9000", environ=NO_ENV).host == (
+        "xn--bcher-kva.example")
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        # IDNA2008 forbids symbols; the old IDNA2003 form is suggested in case DNS holds it
+        ("https://☃.example", ["not a valid international", "xn--n3h.example"]),
+        ("https://bücher..example", ["empty label", "remote URL"]),
+        ("https://" + "ü" * 70 + ".example", ["63", "remote URL"]),
+    ],
+)
+def test_unconvertible_names_say_what_to_fix(text: str, needles: list[str]) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_route_url(text, "remote URL")
+    for needle in needles:
+        assert needle.lower() in err.value.message.lower()
+    assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_ascii_names_never_touch_the_idna_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(*_args: object, **_kwargs: object) -> bytes:
+        raise AssertionError("idna used for an ASCII name")
+
+    monkeypatch.setattr(idna, "encode", slow)
+    assert ascii_host_name("App.Example.COM") == "app.example.com"
+    assert parse_route_url("https://App.Example.COM").host == "app.example.com"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://xn--bcher-kva.example", "https://xn--bcher-kva.example (bücher.example)"),
+        ("https://xn--bcher-kva.example:8443",
+         "https://xn--bcher-kva.example:8443 (bücher.example)"),
+        ("https://app.example.com", "https://app.example.com"),
+        ("https://xn--n3h.example", "https://xn--n3h.example"),  # not IDNA2008: left alone
+        ("tcp://198.51.100.1:15432", "tcp://198.51.100.1:15432"),
+    ],
+)
+def test_readable_url_adds_the_unicode_name(url: str, shown: str) -> None:
+    assert readable_url(url) == shown

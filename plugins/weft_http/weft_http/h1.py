@@ -17,6 +17,8 @@ import re
 
 import attrs
 
+from weft_core.urls import HostNameError, ascii_host_name
+
 MAX_HEAD = 32 * 1024
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 32 * 1024
@@ -599,7 +601,11 @@ def simple_response(
 
 
 def normalize_host(value: str) -> str | None:
-    """`App.Example.com:8080.` -> `app.example.com`; IDNA names to their ASCII form; None if bad.
+    """`App.Example.com:8080.` -> `app.example.com`; IDNA names to A-labels; None if bad.
+
+    The A-label form is `weft_core.urls.ascii_host_name`'s, the same the URL parser gives route
+    names, so a Host header, an SNI name and a route name for `faß.example` all meet at
+    `xn--fa-hia.example`.
 
     IP literals are returned as written (they never match a virtual host).
     """
@@ -613,14 +619,27 @@ def normalize_host(value: str) -> str | None:
         value, _, port = value.partition(":")
         if not port.isdigit():
             return None
-    value = value.rstrip(".").lower()
+    value = value.rstrip(".")
     if not value:
         return None
-    if not value.isascii():
-        try:
-            value = value.encode("idna").decode("ascii")
-        except UnicodeError:
+    if value.isascii():  # nearly always: ASCII names never load the (slow) idna package
+        value = value.lower()
+    else:
+        try:  # UTS #46 lower-cases; lower() first would garble a UTF-8 name read as latin-1
+            value = ascii_host_name(_undo_latin1(value))
+        except HostNameError:
             return None
     if len(value) > 253 or not _HOSTNAME_RE.match(value):
         return None
     return value
+
+
+def _undo_latin1(value: str) -> str:
+    """A name sent raw in UTF-8 reaches us decoded as latin-1 (`faÃ\x9f`): recover it.
+
+    Anything else (a real Unicode route name, a latin-1 byte) is returned unchanged.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
