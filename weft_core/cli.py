@@ -415,8 +415,8 @@ def _ago(then: float, now: float) -> str:
 def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> str:
     """The `weft list` table: one row per route (a tunnel without routes gets one row)."""
     size = human_size if human else (lambda n: str(int(n)))
-    header = ("NAME", "WG ADDRESS", "PUBLIC", "LOCAL", "IN", "OUT", "DATAGRAMS", "CONNS", "SINCE",
-              "LAST SEEN")
+    header = ("NAME", "WG ADDRESS", "PUBLIC", "LOCAL", "IN", "OUT", "DATAGRAMS", "CONNS", "FAILED",
+              "SINCE", "LAST SEEN")
     rows = [header]
     for t in tunnels:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["connected_since"]))
@@ -434,6 +434,7 @@ def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> st
                     size(r["bytes_out"]),
                     _datagrams(r),
                     str(r["connections"]),
+                    str(_failed(r)),
                     since,
                     _ago(t["last_seen"], now),
                 )
@@ -441,11 +442,18 @@ def format_tunnels(tunnels: list[dict[str, Any]], human: bool, now: float) -> st
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(
-            cell.rjust(w) if 4 <= i <= 7 else cell.ljust(w)
+            cell.rjust(w) if 4 <= i <= 8 else cell.ljust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
         for row in rows
     )
+
+
+def _failed(route: dict[str, Any]) -> int:
+    """Connections that could not be relayed and datagrams dropped, on the server and (as its
+    health checks report) on the tunnel: a local service that is down shows here."""
+    tunnel = route.get("tunnel") or {}
+    return sum(int(side.get(name, 0)) for side in (route, tunnel) for name in ("failed", "dropped"))
 
 
 def _datagrams(route: dict[str, Any]) -> str:

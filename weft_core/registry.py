@@ -18,6 +18,9 @@ class RouteRecord:
     published: Published
     forwarder_port: int
     opened_at: float
+    # What the tunnel's forwarder reports in its health checks (its failed connections and
+    # dropped datagrams: a local service that is down shows here, not on the server).
+    tunnel_counters: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def counters(self) -> Counters:

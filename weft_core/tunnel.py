@@ -285,13 +285,25 @@ class Tunnel:
             if self._stop.is_set():
                 return
             try:
-                await self.client.call("POST", "/healthcheck", {})
+                await self.client.call("POST", "/healthcheck", {"routes": self._route_counters()})
             except ServerUnreachable as exc:
                 raise SessionLost(exc.message) from None
             except LoginRefused as exc:
                 raise SessionLost(exc.message) from None
             except ApiError as exc:
                 raise SessionLost(f"the server dropped this tunnel ({exc.message})") from None
+
+    def _route_counters(self) -> dict[str, dict[str, int]]:
+        """Per published route, what only this side sees: connections to the local service that
+        failed, datagrams it did not take. The server shows them in `weft list`."""
+        return {
+            active.route_id: {
+                "failed": active.forwarder.counters.failed,
+                "dropped": active.forwarder.counters.dropped,
+            }
+            for active in self.routes
+            if active.route_id is not None and active.forwarder is not None
+        }
 
     async def _teardown(self) -> None:
         for active in self.routes:

@@ -185,6 +185,10 @@ def test_local_target_down_drops_and_counts_then_works_again(lab: Lab) -> None:
     assert udp_peer(lab.visitor, "probe", SERVER_IP, 17100, 1)["state"] == "silent"
     tunnel.wait_for_line(r"127\.0\.0\.1:7100 did not take a datagram", timeout=5, after=mark)
     assert tunnel.returncode is None
+    # The drop happened on the tunnel host; its health check brings the count to `weft list`.
+    wait_until(lambda: route_counters(lab, server.url())["tunnel"]["dropped"] >= 1, timeout=15,
+               message="weft list to show the datagram the local service did not take")
+    assert "FAILED" in lab.visitor.check([WEFT, "list", server.url()]).splitlines()[0]
     udp_echo(lab.tunnel, 7100)
     wait_until(lambda: udp_peer(lab.visitor, "probe", SERVER_IP, 17100, 1)["state"] == "answered",
                timeout=10, message="the route to answer once the service is up")

@@ -889,3 +889,34 @@ def test_a_kept_alive_connection_serves_requests_in_turn_until_one_is_malformed(
             listener.close()
 
     run(tmp_path, test)
+
+
+async def listed_routes(h: Harness, token: str) -> list[dict[str, Any]]:
+    _, body = await h.call(request("GET", "/tunnels", None, token))
+    routes: list[dict[str, Any]] = body["tunnels"][0]["routes"]
+    return routes
+
+
+def test_healthcheck_carries_what_only_the_tunnel_sees_into_the_list(tmp_path: Path) -> None:
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1))
+        route = {"local": "tcp://127.0.0.1:5432", "remote": "tcp://:0", "forwarder_port": 40000}
+        status, body = await h.call(request("POST", "/routes", route, token))
+        assert status == 201, body
+        [listed] = await listed_routes(h, token)
+        assert listed["tunnel"] == {"failed": 0, "dropped": 0}
+        report = {"routes": {body["id"]: {"failed": 3, "dropped": 7}, "r-gone": {"failed": 1}}}
+        status, _ = await h.call(request("POST", "/healthcheck", report, token))
+        assert status == 200  # a route closed meanwhile is no error
+        [listed] = await listed_routes(h, token)
+        assert listed["tunnel"] == {"failed": 3, "dropped": 7}
+        for bad in ({"routes": []}, {"routes": {body["id"]: {"failed": -1}}},
+                    {"routes": {body["id"]: {"failed": True}}},
+                    {"routes": {body["id"]: {"bytes_in": 5}}}):
+            status, answer = await h.call(request("POST", "/healthcheck", bad, token))
+            assert_error(status, answer, 400, "bad_request")
+        [listed] = await listed_routes(h, token)
+        assert listed["tunnel"] == {"failed": 3, "dropped": 7}  # nothing lost to bad input
+
+    run(tmp_path, test)

@@ -407,6 +407,15 @@ class ControlApi:
         claims = self._claims(request, local)
         record = self._tunnel(claims)
         record.last_seen = time.time()
+        reported = self._body(request).get("routes") if request.body else None
+        if reported is not None:
+            if not isinstance(reported, dict):
+                raise ApiError(400, "bad_request", "field 'routes' must be an object")
+            checked = {rid: _tunnel_counters(counts) for rid, counts in reported.items()}
+            for rid, counts in checked.items():
+                route = record.routes.get(rid)
+                if route is not None:  # routes closed meanwhile are ignored
+                    route.tunnel_counters = counts
         return 200, {
             "ok": True,
             "routes": {rid: r.counters.as_dict() for rid, r in record.routes.items()},
@@ -416,6 +425,19 @@ class ControlApi:
         self._claims(request, local)
         realm = local if self.server.per_ip_secrets else None
         return 200, {"tunnels": [tunnel_summary(t) for t in self.server.registry.in_realm(realm)]}
+
+
+TUNNEL_COUNTERS = ("failed", "dropped")  # what a tunnel reports per route in its health checks
+
+
+def _tunnel_counters(counts: Any) -> dict[str, int]:
+    """The counters a tunnel reported for one route, checked (400 for anything else)."""
+    if not isinstance(counts, dict) or not set(counts) <= set(TUNNEL_COUNTERS) or not all(
+        type(v) is int and 0 <= v < 2**63 for v in counts.values()
+    ):
+        raise ApiError(400, "bad_request", "each route's counters must be an object of "
+                       f"{' and '.join(TUNNEL_COUNTERS)}, as non-negative integers")
+    return dict(counts)
 
 
 def _error(exc: ApiError) -> dict[str, str]:
@@ -434,6 +456,7 @@ def tunnel_summary(record: TunnelRecord) -> dict[str, Any]:
                 "remote": str(r.route.remote),
                 "public_url": r.published.public_url,
                 **r.counters.as_dict(),
+                "tunnel": {name: r.tunnel_counters.get(name, 0) for name in TUNNEL_COUNTERS},
             }
             for r in record.routes.values()
         ],
