@@ -145,6 +145,11 @@ def validate_port_route(route: Route, local_schemes: tuple[str, ...], example: s
     127.0.0.1; a remote without a port asks the server to choose one (port 0).
     """
     local, remote = route.local, route.remote
+    for side, url in (("local", local), ("remote", remote)):
+        if url.path not in ("", "/"):  # not ignored silently: the user meant something by it
+            raise UsageError(
+                f"{side} URL {url}: a {url.scheme}:// URL has no path; leave out {url.path!r}"
+            )
     if local.scheme not in local_schemes:
         wanted = " or ".join(f"{s}://" for s in local_schemes)
         raise UsageError(

@@ -15,6 +15,7 @@ import base64
 import ipaddress
 import json
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -918,5 +919,38 @@ def test_healthcheck_carries_what_only_the_tunnel_sees_into_the_list(tmp_path: P
             assert_error(status, answer, 400, "bad_request")
         [listed] = await listed_routes(h, token)
         assert listed["tunnel"] == {"failed": 3, "dropped": 7}  # nothing lost to bad input
+
+    run(tmp_path, test)
+
+
+def bind_in_allowed_range(sock: socket.socket) -> int:
+    """Bind `sock` to a free port the harness's --allow-ports admits (not a 403 instead)."""
+    for port in range(21000, 22000):
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port in 21000-21999")
+
+
+def test_a_udp_route_on_a_port_in_use_is_409_and_a_free_one_gets_the_servers_terms(
+    tmp_path: Path,
+) -> None:
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            port = bind_in_allowed_range(taken)  # another program holds this UDP port
+            route = {"local": "udp://127.0.0.1:53", "remote": f"udp://:{port}",
+                     "forwarder_port": 40000}
+            status, body = await h.call(request("POST", "/routes", route, token))
+            assert_error(status, body, 409, "port_in_use")
+            assert str(port) in body["message"]
+        route["remote"] = "udp://:0"
+        status, body = await h.call(request("POST", "/routes", route, token))
+        assert status == 201, body
+        assert body["terms"] == {"idle_timeout": 60.0, "max_sessions": 10_000}
+        await h.call(request("DELETE", "/connect", None, token))
 
     run(tmp_path, test)

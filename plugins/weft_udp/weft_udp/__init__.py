@@ -117,6 +117,9 @@ async def _resolve(host: str, port: int) -> tuple[str, int]:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except OSError as exc:
         raise UsageError(f"cannot resolve the local host {host!r}: {exc}") from None
+    # UDP cannot try one address and then the next as a TCP connect does, so pick the one a
+    # local service most likely listens on: IPv4 first (Debian's "localhost" is ::1 first).
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
     return str(infos[0][4][0]), port
 
 
