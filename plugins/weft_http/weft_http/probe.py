@@ -3,7 +3,8 @@
 Run it on the server host. It resolves DOMAIN, checks which of the addresses belong to this host,
 then serves a random challenge token on port 80 (itself, or, when a running `weft server` holds
 port 80, through that server's state directory) and fetches it back through the name, the way a
-CA would.
+CA would. The fetch decides the verdict: an address that is not on this host is only a warning,
+since behind NAT or a load balancer (most cloud hosts) the public address is on no interface.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import asyncio
 import contextlib
 import errno
 import http.client
+import ipaddress
 import secrets
 import shutil
 import socket
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from weft_core import ExitCode, default_state_dir
+from weft_core.urls import HostNameError, ascii_host_name
 
 from . import h1
 
@@ -85,69 +89,107 @@ class _TokenServer:
             writer.close()
 
 
-async def _probe(args: argparse.Namespace) -> int:
-    domain = h1.normalize_host(args.domain)
-    if domain is None:
-        print(f"weft probe: {args.domain!r} is not a valid DNS name")
-        return ExitCode.USAGE
-    ok = True
-    try:
-        addresses = await asyncio.to_thread(_resolve, domain)
-    except OSError as exc:
-        print(f"DNS   FAIL  {domain} does not resolve ({exc.strerror or exc}).")
-        print(f"      fix: create an A (and/or AAAA) record for {domain} pointing at this server")
-        return ExitCode.FAILURE
-    local = [a for a in addresses if _is_local(a)]
-    foreign = [a for a in addresses if a not in local]
-    if local and not foreign:
-        print(f"DNS   ok    {domain} -> {', '.join(addresses)} (this host)")
-    elif local:
-        ok = False
-        print(f"DNS   WARN  {domain} -> {', '.join(addresses)}: {', '.join(foreign)} "
-              "is not this host; a CA may try that address and fail")
-        print("      fix: remove the records that point elsewhere")
-    else:
-        print(f"DNS   FAIL  {domain} -> {', '.join(addresses)}: none of these is an address of "
-              "this host (fine only behind a NAT or load balancer that forwards port 80 here)")
-        ok = False
+Say = Callable[[str], None]
 
+
+async def probe(
+    domain_text: str, *, state_dir: Path, http_port: int = 80, timeout: float = 5.0,
+    resolve: Callable[[str], list[str]] = _resolve, is_local: Callable[[str], bool] = _is_local,
+    listen_host: str | None = None, say: Say = print,
+) -> int:
+    """Check DNS and an HTTP-01 fetch for `domain_text`; print what to fix; return an exit code.
+
+    The verdict is the fetch: a CA only needs the token back through the name on port 80, so an
+    address that is not on this host (NAT, load balancer) is a warning, not a failure. Tests
+    inject `resolve`, `is_local` and `listen_host`; `http_port` 0 means any free port.
+    """
+    try:
+        domain = ascii_host_name(domain_text.strip().rstrip("."))
+    except HostNameError as exc:
+        say(f"weft probe: {exc}")
+        return ExitCode.USAGE
+    if domain_text.strip().rstrip(".").lower() != domain:
+        say(f"probe: {domain_text.strip()} is {domain} in DNS")
+    name = h1.normalize_host(domain)  # the name exactly as the virtual hosts will match it
+    if name is None or _is_ip(name):
+        say(f"weft probe: {domain_text!r} is not a DNS name, like app.example.com")
+        return ExitCode.USAGE
+    domain = name
+    try:
+        addresses = await asyncio.to_thread(resolve, domain)
+    except OSError as exc:
+        addresses = []
+        say(f"DNS   FAIL  {domain} does not resolve ({exc.strerror or exc}).")
+    if not addresses:
+        say(f"      fix: create an A (and/or AAAA) record for {domain} pointing at this server "
+            "(or at the NAT / load balancer in front of it)")
+        return ExitCode.FAILURE
+    local = {a for a in addresses if is_local(a)}
+    _report_dns(domain, addresses, local, http_port, say)
     token = secrets.token_urlsafe(24)
     answer = f"{token}.{secrets.token_urlsafe(16)}"
-    state_dir: Path = args.state_dir or default_state_dir()
-    server: asyncio.Server | None = None
+    async with _token_served(token, answer, state_dir, listen_host, http_port, say) as served:
+        if served is None:
+            return ExitCode.FAILURE
+        port, how = served
+        fetched = [await _check_fetch(domain, a, port, token, answer, timeout, how,
+                                      a in local, say) for a in addresses]
+    ok = all(fetched)
+    say("probe: ready for ACME HTTP-01" if ok else "probe: fix the problems above first")
+    return ExitCode.OK if ok else ExitCode.FAILURE
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _report_dns(domain: str, addresses: list[str], local: set[str], port: int, say: Say) -> None:
+    """DNS lines; never a failure by itself, since only the fetch shows what a CA will see."""
+    foreign = [a for a in addresses if a not in local]
+    listed = ", ".join(addresses)
+    if not foreign:
+        say(f"DNS   ok    {domain} -> {listed} (this host)")
+    elif local:
+        say(f"DNS   WARN  {domain} -> {listed}: {', '.join(foreign)} is not an address of this "
+            "host; a CA may use any of them, so each must reach this server (checked below)")
+    else:
+        say(f"DNS   WARN  {domain} -> {listed}: not an address of this host. That is normal "
+            "behind NAT or a load balancer (most cloud hosts: the public IP is on no interface)")
+        say(f"      as long as port {port or 80} there is forwarded here; the fetch below decides")
+
+
+@contextlib.asynccontextmanager
+async def _token_served(
+    token: str, answer: str, state_dir: Path, listen_host: str | None, port: int, say: Say,
+) -> AsyncIterator[tuple[int, str] | None]:
+    """Serve the token on `port`: ourselves, or through a running weft server's state directory.
+
+    Yields (port, how it is served), or None after saying why it cannot be served.
+    """
     probe_dir = state_dir / "probe"
     try:
-        server = await asyncio.start_server(_TokenServer(token, answer).handle, None,
-                                            args.http_port, reuse_address=True)
-        how = f"served by this probe on port {args.http_port}"
+        server = await asyncio.start_server(_TokenServer(token, answer).handle, listen_host,
+                                            port, reuse_address=True)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
-            print(f"HTTP  FAIL  cannot listen on port {args.http_port}: {exc.strerror}")
-            return ExitCode.FAILURE
-        probe_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (probe_dir / token).write_text(answer)
-        how = "served by the running weft server"
+            say(f"HTTP  FAIL  cannot listen on port {port}: {exc.strerror}")
+            say(f"      fix: run weft probe as root (or with CAP_NET_BIND_SERVICE) for port {port}")
+            yield None
+            return
+        server = None
     try:
-        targets = addresses
-        for address in targets:
-            try:
-                status, body = await asyncio.to_thread(
-                    _fetch, address, args.http_port, domain, token, args.timeout)
-            except (OSError, http.client.HTTPException) as exc:
-                ok = False
-                print(f"HTTP  FAIL  http://{domain}{PREFIX}... via {address}: "
-                      f"{getattr(exc, 'strerror', None) or exc or 'timeout'}")
-                print(f"      fix: open TCP port {args.http_port} to this host")
-                continue
-            if status == 200 and body == answer:
-                print(f"HTTP  ok    http://{domain}{PREFIX}{token[:8]}... via {address} "
-                      f"returned the token ({how})")
-            else:
-                ok = False
-                print(f"HTTP  FAIL  http://{domain}{PREFIX}... via {address} answered {status} "
-                      "without the token")
-                print(f"      fix: make sure port {args.http_port} at {address} reaches "
-                      "this weft server (--state-dir must match the server's)")
+        if server is not None:
+            port = server.sockets[0].getsockname()[1]
+            yield port, f"served by this probe on port {port}"
+        else:
+            # A weft server holds the port: it answers challenges found in <state>/probe/.
+            probe_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (probe_dir / token).write_text(answer)
+            yield port, "served by the running weft server"
     finally:
         if server is not None:
             server.close()
@@ -156,9 +198,59 @@ async def _probe(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             if probe_dir.exists() and not any(probe_dir.iterdir()):
                 shutil.rmtree(probe_dir)
-    print("probe: ready for ACME HTTP-01" if ok else "probe: fix the problems above first")
-    return ExitCode.OK if ok else ExitCode.FAILURE
+
+
+async def _check_fetch(
+    domain: str, address: str, port: int, token: str, answer: str, timeout: float, how: str,
+    local: bool, say: Say,
+) -> bool:
+    """Fetch the token the way a CA would, through `address`; say what to fix if it fails."""
+    url = f"http://{domain}{PREFIX}"
+    try:
+        status, body = await asyncio.to_thread(_fetch, address, port, domain, token, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        problem, fix = _explain_fetch_error(exc, address, port, timeout, local)
+        say(f"HTTP  FAIL  {url}... via {address}: {problem} (token {how})")
+        say(f"      fix: {fix}")
+        if not local:
+            say(f"      note: this fetch runs on this host; a NAT that cannot loop {address} "
+                "back to it fails here although the CA, outside, may succeed: check with "
+                f"`curl -v {url}x` from another network")
+        return False
+    if status == 200 and body == answer:
+        say(f"HTTP  ok    {url}{token[:8]}... via {address} returned the token ({how})")
+        return True
+    say(f"HTTP  FAIL  {url}... via {address} answered {status} without the token (token {how})")
+    say(f"      fix: make sure port {port} at {address} reaches this weft server, not another "
+        "web server (and that --state-dir matches the server's)")
+    return False
+
+
+def _explain_fetch_error(
+    exc: BaseException, address: str, port: int, timeout: float, local: bool,
+) -> tuple[str, str]:
+    """(what happened, what to fix) for a fetch that got no HTTP answer."""
+    nat = "" if local else f"; behind NAT, forward port {port} of {address} to this host"
+    if isinstance(exc, ConnectionRefusedError):
+        return (f"connection refused: nothing accepts connections on port {port} there",
+                f"open TCP port {port} to this host (firewall: ufw, nftables, the cloud "
+                f"security group){nat}")
+    if isinstance(exc, TimeoutError):
+        return (f"no answer within {timeout:g} s",
+                f"something on the way drops port {port}: allow inbound TCP port {port} in the "
+                f"firewall and the cloud security group{nat}")
+    if isinstance(exc, http.client.HTTPException):
+        return (f"the answer is not HTTP ({type(exc).__name__})",
+                f"port {port} at {address} reaches another service; point it at this server")
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return (reason, f"make sure {address} is reachable and TCP port {port} is open to this "
+            f"host{nat}")
 
 
 def run(args: argparse.Namespace, host: Any) -> int:
-    return asyncio.run(_probe(args))
+    if not 1 <= args.http_port <= 65535:
+        print("weft probe: --http-port must be from 1 to 65535")
+        return ExitCode.USAGE
+    state_dir: Path = args.state_dir or default_state_dir()
+    return asyncio.run(probe(args.domain, state_dir=state_dir, http_port=args.http_port,
+                             timeout=args.timeout))
