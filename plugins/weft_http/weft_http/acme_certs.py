@@ -8,8 +8,10 @@ Layout under the server's state directory (folder 0700, files 0600):
     certs/NAME.json         {"directory": URL} the CA that issued it
 
 A stored certificate is reused after a restart (no new order) while it is outside the renewal
-window; a watcher renews every managed name that enters the window, swapping the TLS context for
-new connections while open connections keep the old one.
+window (the last third of its lifetime, see `renewal_window`); a watcher renews every managed name
+that enters the window, swapping the TLS context for new connections while open connections keep
+the old one. If renewing fails when a tunnel (re)connects, a stored certificate that is still
+valid is served and the watcher keeps trying.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import datetime
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +36,29 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from weft_core import record_event, write_private
 
 from . import LETS_ENCRYPT, LETS_ENCRYPT_STAGING, vhost  # noqa: F401 (constants kept here too)
-from .certs import CertificateError, CertInfo, check_pair, split_pem
+from .certs import CertificateError, CertInfo, check_pair, split_pem, utcnow
 
 log = logging.getLogger("weft.http.acme")
+
+# --acme-renew-before's default. It stands for "a third of the lifetime" (what certbot and Caddy
+# do; 30 days for the usual 90-day certificates): a fixed 30 days would order at every check for
+# a CA issuing shorter ones (Let's Encrypt's 6-day certificates; lifetimes shrink to 45 days).
+DEFAULT_RENEW_BEFORE = datetime.timedelta(days=30)
+# Whatever the window says, a name this manager has renewed is not ordered again within this: an
+# explicit window almost as long as the lifetime would otherwise order at nearly every check.
+MIN_RENEW_INTERVAL = datetime.timedelta(hours=1)
+# A stored certificate still valid this long is served when renewing it fails (the watcher retries
+# meanwhile); one about to expire is not worth a tunnel that looks fine and then breaks.
+MIN_VALID = datetime.timedelta(hours=1)
+# Timeout of each request to the CA (connect, then each read).
+NETWORK_TIMEOUT = 15
+# The tunnel's POST /routes waits ROUTE_TIMEOUT (150 s, weft_core/tunnel.py) while obtain() runs;
+# it must hear a certificate or a reason clearly before that, never its own timeout. An order for a
+# tunnel (waiting for another order of the same name included) gets --acme-timeout capped to this,
+# plus one network timeout for the request under way: 105 s by default, at most 120 s. (Before,
+# --acme-timeout only bounded the polling, which began after the account set-up, the order and the
+# challenge answers, up to 15 s each, and after any other name's order on a single lock.)
+ORDER_LIMIT = 105.0
 
 
 class AcmeFailure(Exception):
@@ -69,6 +92,8 @@ def explain(exc: BaseException, name: str) -> str:
         return f"the CA could not validate {name}"
     if isinstance(exc, messages.Error):
         return _explain_problem(exc, name)
+    if isinstance(exc, errors.IssuanceError):  # the order failed at finalization
+        return _explain_problem(exc.error, name)
     if isinstance(exc, errors.TimeoutError | TimeoutError):
         return f"the CA did not finish validating {name} in time"
     if isinstance(exc, OSError | errors.ClientError):
@@ -92,13 +117,36 @@ def _explain_problem(problem: messages.Error, name: str) -> str:
     return f"the CA refused ({code}): {detail}"
 
 
+def renewal_window(info: CertInfo, renew_before: datetime.timedelta | None) -> datetime.timedelta:
+    """How long before expiry `info` is renewed: the last third of its lifetime, unless
+    --acme-renew-before was set (to anything but its default) shorter than the lifetime."""
+    lifetime = info.not_after - info.not_before
+    if renew_before is None or renew_before == DEFAULT_RENEW_BEFORE or renew_before >= lifetime:
+        return lifetime / 3
+    return renew_before
+
+
+@attrs.define
+class _NameLock:
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    users: int = 0  # orders running or waiting for this name
+
+
 class AcmeManager:
     """Obtains, stores, reuses and renews certificates for the names the server serves."""
 
-    def __init__(self, state_dir: Path, settings: AcmeSettings) -> None:
+    def __init__(self, state_dir: Path, settings: AcmeSettings,
+                 clock: Callable[[], datetime.datetime] = utcnow) -> None:
         self.state_dir = state_dir
         self.settings = settings
-        self._lock = threading.Lock()  # one order at a time (the acme client is blocking)
+        self.clock = clock
+        # One lock per name (the acme client is blocking, so orders run in threads): a reconnect
+        # and the watcher do not both order a name, and one name's failing order does not hold up
+        # the others. A name's entry goes once no order runs or waits for it.
+        self._locks: dict[str, _NameLock] = {}
+        self._locks_guard = threading.Lock()
+        self._account_lock = threading.Lock()  # one account set-up, shared by all orders
+        self._renewed_at: dict[str, datetime.datetime] = {}
         self._client: client.ClientV2 | None = None
         self.watched: dict[str, Callable[[Stored], None]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -123,19 +171,44 @@ class AcmeManager:
             return None
         chain = b"".join(certs)
         try:
-            info = check_pair(chain, key, name)
+            info = check_pair(chain, key, name, now=self.clock())
         except (CertificateError, ValueError):
             return None
         return Stored(chain, key, info)
 
-    def due(self, stored: Stored) -> bool:
-        return stored.info.remaining() <= self.settings.renew_before
+    def _save(self, name: str, chain: bytes, key_pem: bytes) -> Stored:
+        info = check_pair(chain, key_pem, name, now=self.clock())
+        path = self._cert_path(name)
+        write_private(path, chain + key_pem)
+        write_private(path.with_suffix(".json"),
+                      json.dumps({"directory": self.settings.directory}).encode())
+        return Stored(chain, key_pem, info)
+
+    def due(self, name: str, stored: Stored) -> bool:
+        """True if `stored` (the certificate for `name`) should be renewed now."""
+        now = self.clock()
+        remaining = stored.info.remaining(now)
+        if remaining > renewal_window(stored.info, self.settings.renew_before):
+            return False
+        renewed = self._renewed_at.get(name)
+        return renewed is None or now - renewed >= MIN_RENEW_INTERVAL or remaining < MIN_VALID
+
+    def _renewed(self, name: str) -> None:
+        now = self.clock()
+        with self._locks_guard:  # orders of other names run in other threads
+            # Bounded: entries older than the interval no longer matter.
+            for old in [n for n, at in self._renewed_at.items()
+                        if now - at >= MIN_RENEW_INTERVAL]:
+                del self._renewed_at[old]
+            self._renewed_at[name] = now
 
     # --- ordering --------------------------------------------------------------------------
 
     def _account(self) -> client.ClientV2:
-        if self._client is not None:
-            return self._client
+        with self._account_lock:
+            return self._client or self._new_account()
+
+    def _new_account(self) -> client.ClientV2:
         key_path = self.state_dir / "acme" / "account.key"
         try:
             jwk = jose.JWK.json_loads(key_path.read_text())
@@ -144,7 +217,7 @@ class AcmeManager:
             jwk = jose.JWKRSA(key=private)
             write_private(key_path, jwk.json_dumps().encode())
         verify: bool | str = self.settings.ca_bundle or True
-        net = client.ClientNetwork(jwk, user_agent="weft-http", timeout=15,
+        net = client.ClientNetwork(jwk, user_agent="weft-http", timeout=NETWORK_TIMEOUT,
                                    verify_ssl=verify)  # type: ignore[arg-type]  # a path works
         directory = client.ClientV2.get_directory(self.settings.directory, net)
         acme = client.ClientV2(directory, net)
@@ -174,19 +247,65 @@ class AcmeManager:
         self._client = acme
         return acme
 
-    def order(self, name: str) -> Stored:
-        """Run one HTTP-01 order for `name` (blocking: call in a thread) and store the result."""
-        with self._lock:
+    def ordering(self) -> set[str]:
+        """Names with an order running or waiting."""
+        with self._locks_guard:
+            return set(self._locks)
+
+    def waiting(self, name: str) -> int:
+        """How many orders for `name` run or wait (at most one runs)."""
+        with self._locks_guard:
+            entry = self._locks.get(name)
+            return entry.users if entry is not None else 0
+
+    @contextlib.contextmanager
+    def _name_lock(self, name: str, wait: float | None) -> Iterator[bool]:
+        """Hold `name`'s lock (yields False if it was not free within `wait` seconds)."""
+        with self._locks_guard:
+            entry = self._locks.setdefault(name, _NameLock())
+            entry.users += 1
+        try:
+            acquired = entry.lock.acquire(timeout=-1 if wait is None else max(0.0, wait))
             try:
-                return self._order(name)
+                yield acquired
+            finally:
+                if acquired:
+                    entry.lock.release()
+        finally:
+            with self._locks_guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[name]
+
+    def order(self, name: str, deadline: float | None = None) -> Stored:
+        """A certificate for `name` not due for renewal: a new HTTP-01 order, stored (blocking:
+        call in a thread), unless another order for `name` got one meanwhile. `deadline`
+        (time.monotonic()) bounds the wait for that other order and this one's polling;
+        without it the order gets --acme-timeout from when it starts."""
+        wait = None if deadline is None else deadline - time.monotonic()
+        with self._name_lock(name, wait) as acquired:
+            if not acquired:
+                raise AcmeFailure(f"an earlier order for {name} is still running; try again "
+                                  "in a minute")
+            # Checked again under the lock: a reconnect and the watcher may both have found the
+            # certificate due, and the one that waited must not order a second time.
+            stored = self.stored(name)
+            if stored is not None and not self.due(name, stored):
+                return stored
+            if deadline is None:
+                deadline = time.monotonic() + self.settings.timeout
+            try:
+                fresh = self._order(name, deadline)
             except AcmeFailure:
                 raise
             except Exception as exc:
-                self._client = None if isinstance(exc, OSError | errors.ClientError) \
-                    else self._client
+                if isinstance(exc, OSError | errors.ClientError):
+                    self._client = None  # set up the account again next time
                 raise AcmeFailure(explain(exc, name)) from exc
+            self._renewed(name)
+            return fresh
 
-    def _order(self, name: str) -> Stored:
+    def _order(self, name: str, deadline: float) -> Stored:
         acme = self._account()
         key = ec.generate_private_key(ec.SECP256R1())
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -206,36 +325,55 @@ class AcmeManager:
                 vhost.CHALLENGES[token] = validation
                 tokens.append(token)
                 acme.answer_challenge(chall, response)
-            deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.settings.timeout)
-            finished = acme.poll_and_finalize(order, deadline)
+            # acme polls against a naive local datetime; the set-up above used up part of it.
+            poll_until = datetime.datetime.now() + datetime.timedelta(
+                seconds=max(0.0, deadline - time.monotonic()))
+            finished = acme.poll_and_finalize(order, poll_until)
         finally:
             for token in tokens:
                 vhost.CHALLENGES.pop(token, None)
-        chain = finished.fullchain_pem.encode()
-        info = check_pair(chain, key_pem, name)
-        path = self._cert_path(name)
-        write_private(path, chain + key_pem)
-        write_private(path.with_suffix(".json"),
-                       json.dumps({"directory": self.settings.directory}).encode())
+        fresh = self._save(name, finished.fullchain_pem.encode(), key_pem)
         log.info("ACME: certificate for %s issued (serial %x, valid until %s)",
-                 name, info.serial, info.not_after)
-        return Stored(chain, key_pem, info)
+                 name, fresh.info.serial, fresh.info.not_after)
+        return fresh
+
+    def answer_within(self) -> float:
+        """Longest obtain() takes to answer a tunnel: see ORDER_LIMIT."""
+        return min(self.settings.timeout, ORDER_LIMIT) + NETWORK_TIMEOUT
 
     async def obtain(self, name: str) -> tuple[Stored, bool]:
         """A usable certificate for `name`: (stored one, False) or (newly ordered, True)."""
         stored = self.stored(name)
-        if stored is not None and not self.due(stored):
+        if stored is not None and not self.due(name, stored):
             log.info("ACME: reusing the stored certificate for %s (serial %x, valid until %s)",
                      name, stored.info.serial, stored.info.not_after)
             record_event("certificate", event="loaded", name=name)
             return stored, False
+        deadline = time.monotonic() + min(self.settings.timeout, ORDER_LIMIT)
         try:
-            fresh = await asyncio.to_thread(self.order, name)
-        except AcmeFailure:
-            record_event("certificate", event="failed", name=name)
-            raise
-        record_event("certificate", event="issued", name=name)
-        return fresh, True
+            # The thread cannot be stopped: past the limit it finishes (and stores) on its own.
+            async with asyncio.timeout(self.answer_within()):
+                fresh = await asyncio.to_thread(self.order, name, deadline)
+        except TimeoutError:
+            return self._fall_back(name, AcmeFailure(
+                f"the CA did not finish validating {name} in time"))
+        except AcmeFailure as exc:
+            return self._fall_back(name, exc)
+        new = stored is None or fresh.info.fingerprint != stored.info.fingerprint
+        record_event("certificate", event="issued" if new else "loaded", name=name)
+        return fresh, new
+
+    def _fall_back(self, name: str, failure: AcmeFailure) -> tuple[Stored, bool]:
+        """After a failed order: the stored certificate if still good for a while, else refuse.
+        A restart or reconnect inside the renewal window must not take a working site down."""
+        stored = self.stored(name)
+        record_event("certificate", event="failed", name=name)
+        if stored is None or stored.info.remaining(self.clock()) < MIN_VALID:
+            raise failure
+        log.warning("ACME: renewing the certificate for %s failed: %s; serving the stored one "
+                    "(valid until %s), renewal is retried every %.0f s", name, failure,
+                    stored.info.not_after, self.settings.check_interval)
+        return stored, False
 
     # --- renewal ---------------------------------------------------------------------------
 
@@ -255,7 +393,7 @@ class AcmeManager:
             await asyncio.sleep(self.settings.check_interval)
             for name, install in list(self.watched.items()):
                 stored = self.stored(name)
-                if stored is not None and not self.due(stored):
+                if stored is not None and not self.due(name, stored):
                     continue
                 log.info("ACME: renewing the certificate for %s", name)
                 try:
@@ -264,6 +402,8 @@ class AcmeManager:
                     log.warning("ACME: renewing %s failed (will retry): %s", name, exc)
                     record_event("certificate", event="failed", name=name)
                     continue
+                if stored is not None and fresh.info.fingerprint == stored.info.fingerprint:
+                    continue  # nothing new: renewed within MIN_RENEW_INTERVAL already
                 if self.watched.get(name) is install:
                     install(fresh)
                     record_event("certificate", event="renewed", name=name)

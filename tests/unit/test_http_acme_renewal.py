@@ -1,0 +1,296 @@
+"""ACME certificates without a CA: reuse, renewal window, per-name orders, deadlines, reasons.
+
+The CA is the one thing faked here: `FakeCA._order` (the part of AcmeManager that talks to the
+CA) issues a self-signed certificate itself, or fails or blocks as a test asks. Storage, the
+renewal rule, locking, deadlines and `explain()` are the real code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+from acme import challenges, errors, messages
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from weft_core.tunnel import ROUTE_TIMEOUT
+from weft_http import acme_certs
+from weft_http.acme_certs import AcmeFailure, AcmeManager, AcmeSettings, Stored, explain
+
+NAME = "app.example.test"
+DIRECTORY = "https://ca.example.test/dir"
+DAY = datetime.timedelta(days=1)
+HOUR = datetime.timedelta(hours=1)
+WAIT = 10.0  # seconds: the deadline for conditions that should hold at once
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def settings(**changes: object) -> AcmeSettings:
+    base = AcmeSettings(directory=DIRECTORY, ca_bundle=None, email=None,
+                        renew_before=datetime.timedelta(days=30), check_interval=3600.0,
+                        timeout=90.0)
+    return attrs.evolve(base, **changes)
+
+
+def store_cert(state_dir: Path, name: str, not_before: datetime.datetime,
+               not_after: datetime.datetime) -> None:
+    """Write a certificate for `name` where AcmeManager keeps the ones it ordered."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    certs = state_dir / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    (certs / f"{name}.pem").write_bytes(pem)
+    (certs / f"{name}.json").write_text(json.dumps({"directory": DIRECTORY}))
+
+
+class FakeCA(AcmeManager):
+    """AcmeManager with the CA faked: `_order` issues a certificate of `lifetime` from now,
+    raises AcmeFailure(fail[name]) or first blocks until gates[name] is set."""
+
+    def __init__(self, state_dir: Path, acme_settings: AcmeSettings,
+                 lifetime: datetime.timedelta = 90 * DAY) -> None:
+        super().__init__(state_dir, acme_settings)
+        self.lifetime = lifetime
+        self.orders: list[str] = []
+        self.fail: dict[str, str] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.started: dict[str, threading.Event] = {}
+
+    def hold(self, name: str) -> threading.Event:
+        """Make orders for `name` block until the returned event is set."""
+        self.started[name] = threading.Event()
+        gate = self.gates[name] = threading.Event()
+        return gate
+
+    def _order(self, name: str, deadline: float | None = None) -> Stored:
+        self.orders.append(name)
+        if name in self.started:
+            self.started[name].set()
+            assert self.gates[name].wait(60), "the test never released the order"
+        if name in self.fail:
+            raise AcmeFailure(self.fail[name])
+        now = utcnow()
+        store_cert(self.state_dir, name, now - datetime.timedelta(minutes=1), now + self.lifetime)
+        stored = self.stored(name)
+        assert stored is not None
+        return stored
+
+
+def in_thread(target: object, *args: object) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread
+
+
+# --- 1. a restart inside the window while the CA fails keeps serving the stored certificate ---
+
+
+def test_failing_renewal_at_start_serves_the_still_valid_stored_certificate(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - 80 * DAY, now + 10 * DAY)  # inside the 30-day window
+    ca = FakeCA(tmp_path, settings())
+    ca.fail[NAME] = "the CA's rate limit was hit (too many certificates); wait and try again"
+    with caplog.at_level(logging.WARNING, logger="weft.http.acme"):
+        stored, new = asyncio.run(ca.obtain(NAME))
+    assert not new
+    assert stored.info.not_after == (now + 10 * DAY).replace(microsecond=0)
+    assert ca.orders == [NAME]  # it did try to renew
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "rate limit" in warning and NAME in warning
+
+
+def test_failing_order_refuses_when_the_stored_certificate_is_about_to_expire(
+        tmp_path: Path) -> None:
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - 90 * DAY, now + datetime.timedelta(minutes=30))
+    ca = FakeCA(tmp_path, settings())
+    ca.fail[NAME] = "DNS for app.example.test does not resolve to this server"
+    with pytest.raises(AcmeFailure, match="DNS"):
+        asyncio.run(ca.obtain(NAME))
+
+
+def test_order_rechecks_the_stored_certificate_after_taking_the_lock(tmp_path: Path) -> None:
+    """The second of two callers that both found the certificate due (a reconnect and the
+    watcher) gets the lock after the first stored a fresh one: it must not order again."""
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - 80 * DAY, now + 10 * DAY)
+    ca = FakeCA(tmp_path, settings())
+    gate = ca.hold(NAME)
+    watcher = in_thread(ca.order, NAME)
+    assert ca.started[NAME].wait(WAIT)
+    second: list[tuple[Stored, bool]] = []
+
+    async def reconnect() -> None:
+        second.append(await ca.obtain(NAME))
+
+    reconnecting = in_thread(asyncio.run, reconnect())
+    deadline = time.monotonic() + WAIT
+    while ca.waiting(NAME) < 2:  # the reconnect is queued behind the watcher's order
+        assert time.monotonic() < deadline, "the reconnect never queued for the lock"
+        time.sleep(0.01)
+    gate.set()
+    watcher.join(WAIT)
+    reconnecting.join(WAIT)
+    assert ca.orders == [NAME]
+    assert second and second[0][0].info.remaining() > 80 * DAY
+
+
+# --- 2. orders of different names run side by side, and obtain answers in time --------------
+
+
+def test_a_slow_order_does_not_hold_up_another_name(tmp_path: Path) -> None:
+    ca = FakeCA(tmp_path, settings())
+    gate = ca.hold("slow.example.test")
+    slow = in_thread(ca.order, "slow.example.test")
+    assert ca.started["slow.example.test"].wait(WAIT)
+    try:
+        fast = in_thread(ca.order, "fast.example.test")
+        fast.join(WAIT)
+        assert not fast.is_alive(), "the order for another name waited for the slow one"
+        assert ca.stored("fast.example.test") is not None
+    finally:
+        gate.set()
+        slow.join(WAIT)
+    assert ca.waiting("slow.example.test") == 0
+    assert not ca.ordering()  # a name's lock goes once no order runs or waits for it
+
+
+def test_obtain_answers_in_time_while_another_order_for_the_name_hangs(tmp_path: Path) -> None:
+    ca = FakeCA(tmp_path, settings(timeout=0.3))
+    gate = ca.hold(NAME)
+    watcher = in_thread(ca.order, NAME)
+    assert ca.started[NAME].wait(WAIT)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AcmeFailure, match=NAME):
+            asyncio.run(asyncio.wait_for(ca.obtain(NAME), WAIT))
+        assert time.monotonic() - started < WAIT
+    finally:
+        gate.set()
+        watcher.join(WAIT)
+
+
+def test_obtain_waits_clearly_less_than_the_tunnel() -> None:
+    for timeout in (30.0, 90.0, 1000.0):
+        limit = AcmeManager(Path("/nonexistent"), settings(timeout=timeout)).answer_within()
+        assert limit >= min(timeout, 90.0)  # the CA gets the time --acme-timeout gives it
+        assert limit <= ROUTE_TIMEOUT - 20  # and the tunnel hears a reason, not its timeout
+
+
+# --- 3. the renewal window follows the certificate's lifetime -------------------------------
+
+
+def test_short_lived_certificate_is_not_renewed_at_every_check(tmp_path: Path) -> None:
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - DAY, now + 5 * DAY)  # a 6-day certificate, 5 days left
+    ca = FakeCA(tmp_path, settings(), lifetime=6 * DAY)
+    stored, new = asyncio.run(ca.obtain(NAME))
+    assert not new and ca.orders == []
+    store_cert(tmp_path, NAME, now - 4 * DAY - HOUR, now + 2 * DAY - HOUR)  # under a third left
+    stored, new = asyncio.run(ca.obtain(NAME))
+    assert new and ca.orders == [NAME]
+    assert stored.info.remaining() > 5 * DAY
+
+
+@pytest.mark.parametrize(("lifetime", "renew_before", "window"), [
+    (90 * DAY, None, 30 * DAY),
+    (45 * DAY, None, 15 * DAY),
+    (6 * DAY, None, 2 * DAY),
+    (45 * DAY, 30 * DAY, 15 * DAY),  # the option's default means "a third"
+    (6 * DAY, 30 * DAY, 2 * DAY),
+    (90 * DAY, 10 * DAY, 10 * DAY),  # set explicitly: later than a third
+    (90 * DAY, 60 * DAY, 60 * DAY),  # or earlier
+    (6 * DAY, 7 * DAY, 2 * DAY),  # longer than the lifetime: ignored
+])
+def test_renewal_window(lifetime: datetime.timedelta, renew_before: datetime.timedelta | None,
+                        window: datetime.timedelta) -> None:
+    start = utcnow()
+    info = acme_certs.CertInfo(names=(NAME,), not_before=start, not_after=start + lifetime,
+                               serial=1, fingerprint="")
+    assert acme_certs.renewal_window(info, renew_before) == window
+
+
+def test_a_renewed_name_is_not_ordered_again_within_the_minimum_interval(
+        tmp_path: Path) -> None:
+    """A window set almost as long as the lifetime would make every check order again."""
+    clock = [utcnow()]
+    ca = FakeCA(tmp_path, settings(renew_before=90 * DAY - datetime.timedelta(minutes=5)))
+    ca.clock = lambda: clock[0]
+    fresh = ca.order(NAME)
+    clock[0] += datetime.timedelta(minutes=30)
+    assert fresh.info.remaining(clock[0]) < ca.settings.renew_before  # inside the window
+    assert not ca.due(NAME, fresh)
+    clock[0] += acme_certs.MIN_RENEW_INTERVAL
+    assert ca.due(NAME, fresh)
+
+
+# --- explain(): the reason the tunnel is told ---------------------------------------------------
+
+
+def failed_validation(code: str, detail: str) -> errors.ValidationError:
+    """What poll_and_finalize raises when the CA's validation of the challenge failed."""
+    problem = messages.Error.with_code(code, detail=detail)
+    challenge = messages.ChallengeBody(
+        chall=challenges.HTTP01(token=b"t" * 32), status=messages.STATUS_INVALID, error=problem)
+    authz = messages.Authorization(
+        identifier=messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=NAME),
+        challenges=[challenge], status=messages.STATUS_INVALID)
+    return errors.ValidationError([messages.AuthorizationResource(
+        body=authz, uri="https://ca.example.test/authz/1")])
+
+
+def test_explain_dns_not_pointing_here() -> None:
+    reason = explain(failed_validation("dns", f"no valid A records found for {NAME}"), NAME)
+    assert reason.startswith(f"DNS for {NAME} does not resolve to this server")
+    assert "no valid A records" in reason and "weft probe" in reason
+
+
+@pytest.mark.parametrize("code", ["connection", "unauthorized", "incorrectResponse"])
+def test_explain_port_80_unreachable(code: str) -> None:
+    reason = explain(failed_validation(code, "198.51.100.1: Connection refused"), NAME)
+    assert f"http://{NAME}/ on port 80" in reason and "Connection refused" in reason
+    assert "port 80 is open" in reason
+
+
+def test_explain_rate_limit() -> None:
+    # new_order raises the CA's problem document itself (HTTP 429).
+    problem = messages.Error.with_code(
+        "rateLimited", detail="too many certificates (5) already issued for this exact set")
+    reason = explain(problem, NAME)
+    assert reason.startswith("the CA's rate limit was hit (too many certificates")
+    assert "wait and try again" in reason
+
+
+def test_explain_other_problems() -> None:
+    refused = explain(messages.Error.with_code("rejectedIdentifier", detail="forbidden"), NAME)
+    assert refused == f"the CA refuses to issue for {NAME} (forbidden)"
+    other = explain(messages.Error.with_code("serverInternal", detail="boom"), NAME)
+    assert other == "the CA refused (serverInternal): boom"
+    finalize = errors.IssuanceError(messages.Error.with_code("badCSR", detail="bad key"))
+    assert explain(finalize, NAME) == "the CA refused (badCSR): bad key"
+    timed_out = explain(errors.TimeoutError(), NAME)
+    assert timed_out == f"the CA did not finish validating {NAME} in time"
+    assert explain(ConnectionRefusedError(111, "refused"), NAME).startswith(
+        "cannot talk to the ACME directory")
