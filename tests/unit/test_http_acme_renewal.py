@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import attrs
+import josepy as jose
 import pytest
 from acme import challenges, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from weft_core.tunnel import ROUTE_TIMEOUT
@@ -294,3 +295,62 @@ def test_explain_other_problems() -> None:
     assert timed_out == f"the CA did not finish validating {NAME} in time"
     assert explain(ConnectionRefusedError(111, "refused"), NAME).startswith(
         "cannot talk to the ACME directory")
+
+
+# --- a reused (already valid) authorization is not answered again ------------------------------
+
+
+class FakeAcmeClient:
+    """The CA's side of acme.client.ClientV2 (faked: no CA runs here) for one order whose
+    authorizations have the given statuses; the certificate is self-signed for the CSR's key."""
+
+    def __init__(self, statuses: list[str]) -> None:
+        self.net = type("Net", (), {"key": jose.JWKRSA(key=rsa.generate_private_key(
+            public_exponent=65537, key_size=2048))})()
+        self.statuses = statuses
+        self.answered: list[bytes] = []
+        self.csr_pem = b""
+
+    def new_order(self, csr_pem: bytes) -> messages.OrderResource:
+        self.csr_pem = csr_pem
+        authzs = [messages.AuthorizationResource(uri=f"https://ca.example.test/authz/{i}",
+                                                 body=messages.Authorization(
+            identifier=messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=NAME),
+            status=messages.Status.from_json(status),
+            challenges=[messages.ChallengeBody(
+                chall=challenges.HTTP01(token=bytes([i]) * 32),
+                status=messages.Status.from_json(status))]))
+            for i, status in enumerate(self.statuses)]
+        return messages.OrderResource(uri="https://ca.example.test/order/1",
+                                      authorizations=authzs, csr_pem=csr_pem)
+
+    def answer_challenge(self, challb: messages.ChallengeBody, response: object) -> None:
+        if challb.status != messages.STATUS_PENDING:  # what Pebble and Boulder answer
+            raise messages.Error.with_code(
+                "malformed", detail="Cannot update challenge with status valid, only pending")
+        self.answered.append(challb.chall.token)
+
+    def poll_and_finalize(self, order: messages.OrderResource,
+                          deadline: datetime.datetime) -> messages.OrderResource:
+        csr = x509.load_pem_x509_csr(order.csr_pem)
+        signer = ec.generate_private_key(ec.SECP256R1())
+        now = utcnow()
+        cert = (x509.CertificateBuilder().subject_name(csr.subject)
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake CA")]))
+                .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + 90 * DAY)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
+                .sign(signer, hashes.SHA256()))
+        return order.update(fullchain_pem=cert.public_bytes(serialization.Encoding.PEM).decode())
+
+
+def test_a_reused_valid_authorization_is_not_answered_again(tmp_path: Path) -> None:
+    """CAs reuse a name's recent valid authorization in a new order (Pebble half the time);
+    answering its challenge again is refused, which failed renewals."""
+    manager = AcmeManager(tmp_path, settings())
+    fake = FakeAcmeClient(["valid", "pending"])
+    manager._client = fake  # type: ignore[assignment]
+    stored = manager.order(NAME)
+    assert fake.answered == [b"\x01" * 32]
+    assert stored.info.remaining() > 89 * DAY
+    assert manager.stored(NAME) is not None

@@ -316,6 +316,8 @@ class AcmeManager:
         tokens: list[str] = []
         try:
             for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:
+                    continue  # a recent validation the CA reuses: answering again is refused
                 chall = next((c for c in authz.body.challenges
                               if isinstance(c.chall, challenges.HTTP01)), None)
                 if chall is None:
