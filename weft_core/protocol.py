@@ -72,6 +72,11 @@ class ServerContext(Protocol):
         """Report a finished visitor connection (logged with --verbose)."""
         ...
 
+    def progress(self, message: str) -> None:
+        """Say what a slow opening is doing now (an ACME order: "the CA is checking ..."); the
+        waiting tunnel shows it. Keep it short, and free of secrets: it goes to the tunnel."""
+        ...
+
     def public_host(self, remote: RouteUrl) -> str:
         """The server address to publish `remote` on (its host, or the login address if empty).
 

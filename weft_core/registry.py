@@ -42,6 +42,9 @@ class TunnelRecord:
     last_seen: float
     routes: dict[str, RouteRecord] = attrs.field(factory=dict)
     pending: int = 0  # control requests in flight (e.g. a route waiting for its certificate)
+    # What a route being opened is doing, by its remote URL as requested (an ACME order: "the CA
+    # is checking ..."): health checks carry it to the tunnel, which shows it while it waits.
+    progress: dict[str, str] = attrs.field(factory=dict)
 
 
 class Registry:

@@ -38,13 +38,18 @@ log = logging.getLogger("weft.server")
 SERVER_PREFIX = "wefts"  # the server's WireGuard interface: wefts + random hex
 
 REAP_INTERVAL = 2.0
+MAX_PROGRESS = 300  # characters of a route's progress message (it goes out in health checks)
 
 
 class RouteContext:
     """The `ServerContext` a plugin gets while it opens one route's public side."""
 
-    def __init__(self, server: Server, tunnel: TunnelRecord, forwarder_port: int) -> None:
+    def __init__(
+        self, server: Server, tunnel: TunnelRecord, forwarder_port: int, route_key: str = ""
+    ) -> None:
         self._server = server
+        self._tunnel = tunnel
+        self._route_key = route_key
         self.net: NetContext = HOST_NET
         self.wireguard_net: NetContext = HOST_NET
         self.bind_address = tunnel.realm
@@ -54,6 +59,9 @@ class RouteContext:
         self.options = server.options
         self.state_dir = server.state.path
         self.log = log  # one logger; the tunnel's name is in each message
+
+    def progress(self, message: str) -> None:
+        self._tunnel.progress[self._route_key] = message[:MAX_PROGRESS]
 
     def public_host(self, remote: RouteUrl) -> str:
         host = remote.host or self.bind_address
@@ -268,8 +276,10 @@ class Server:
         # An address without a secret of its own accepts no login at all.
         return self.secrets.get(local_address) or auth.new_secret()
 
-    def route_context(self, tunnel: TunnelRecord, forwarder_port: int) -> RouteContext:
-        return RouteContext(self, tunnel, forwarder_port)
+    def route_context(
+        self, tunnel: TunnelRecord, forwarder_port: int, route_key: str = ""
+    ) -> RouteContext:
+        return RouteContext(self, tunnel, forwarder_port, route_key)
 
     # --- port policy -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import random
@@ -14,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -42,6 +44,9 @@ ROUTE_TIMEOUT = 150.0  # POST /routes may wait for an ACME order on the server
 RULE_PRIORITY = 5000
 TUNNEL_PREFIX = "weftt"  # the tunnel's WireGuard interface: weftt + random hex
 ADDRESS_LOCK_TIMEOUT = 30.0
+PROGRESS_FIRST = 1.0  # a route not published after this long: ask the server what it waits for
+PROGRESS_EVERY = 5.0  # ... and again this often, saying it again at least every REPEAT
+PROGRESS_REPEAT = 15.0
 
 
 class RouteRefused(WeftError):
@@ -56,6 +61,42 @@ class SessionLost(Exception):
 def say(message: str) -> None:
     """A line for the person at the terminal (stdout); logs go to stderr."""
     print(message, file=sys.stdout, flush=True)
+
+
+def _say_waiting(remote: RouteUrl, message: str) -> None:
+    say(f"waiting  {remote}: {message}")
+
+
+async def with_progress(
+    call: Awaitable[Any],
+    ask: Callable[[], Awaitable[str | None]],
+    show: Callable[[str], None],
+    first: float = PROGRESS_FIRST,
+    every: float = PROGRESS_EVERY,
+    repeat: float = PROGRESS_REPEAT,
+) -> Any:
+    """`call`'s result; while it takes long, what `ask()` says it waits for, through `show`.
+
+    A route that opens at once shows nothing. One that waits (an ACME order on the server) shows
+    the server's message when it changes, or with the time waited at least every `repeat` s, so a
+    person sees it is alive. `ask` failing (None) is no reason to stop waiting for `call`.
+    """
+    task = asyncio.ensure_future(call)
+    started = time.monotonic()
+    shown, shown_at = "", 0.0
+    try:
+        delay = first
+        while not (await asyncio.wait({task}, timeout=delay))[0]:
+            delay = every
+            message = await ask()
+            now = time.monotonic()
+            if message and (message != shown or now - shown_at >= repeat):
+                show(f"{message} ({now - started:.0f}s)")
+                shown, shown_at = message, now
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 @attrs.define
@@ -249,17 +290,22 @@ class Tunnel:
     async def _publish_routes(self) -> None:
         refused = []
         for active in self.routes:
+            remote = str(active.reclaim)
             try:
-                answer = await self.client.call(
-                    "POST",
-                    "/routes",
-                    {
-                        "local": str(active.route.local),
-                        "remote": str(active.reclaim),
-                        "forwarder_port": active.forwarder_port,
-                        "options": dict(active.route.options),
-                    },
-                    timeout=ROUTE_TIMEOUT,
+                answer = await with_progress(
+                    self.client.call(
+                        "POST",
+                        "/routes",
+                        {
+                            "local": str(active.route.local),
+                            "remote": remote,
+                            "forwarder_port": active.forwarder_port,
+                            "options": dict(active.route.options),
+                        },
+                        timeout=ROUTE_TIMEOUT,
+                    ),
+                    functools.partial(self._progress, remote),
+                    functools.partial(_say_waiting, active.route.remote),
                 )
             except ApiError as exc:
                 refused.append(exc.message)
@@ -292,6 +338,16 @@ class Tunnel:
                 raise SessionLost(exc.message) from None
             except ApiError as exc:
                 raise SessionLost(f"the server dropped this tunnel ({exc.message})") from None
+
+    async def _progress(self, remote: str) -> str | None:
+        """What the server says the route `remote` (as requested) is waiting for, if anything."""
+        try:
+            answer = await self.client.call("POST", "/healthcheck", {}, timeout=PROGRESS_EVERY)
+        except WeftError:
+            return None
+        progress = answer.get("progress") if isinstance(answer, dict) else None
+        message = progress.get(remote) if isinstance(progress, dict) else None
+        return str(message) if message else None
 
     def _route_counters(self) -> dict[str, dict[str, int]]:
         """Per published route, what only this side sees: connections to the local service that

@@ -618,7 +618,7 @@ def test_healthcheck_updates_last_seen(tmp_path: Path) -> None:
         assert record is not None
         record.last_seen = 0.0
         status, body = await h.call(request("POST", "/healthcheck", {}, token))
-        assert (status, body) == (200, {"ok": True, "routes": {}})
+        assert (status, body) == (200, {"ok": True, "routes": {}, "progress": {}})
         assert record.last_seen > time.time() - 5
 
     run(tmp_path, test)

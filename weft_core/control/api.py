@@ -360,11 +360,13 @@ class ControlApi:
                     await server.close_route(record, route_id)
             record.pending += 1  # busy, not silent: the reaper leaves it alone meanwhile
         # Opening may take long (an ACME order): never hold the lock for other tunnels meanwhile.
+        key = str(route.remote)
         try:
-            ctx = server.route_context(record, forwarder_port)
+            ctx = server.route_context(record, forwarder_port, key)
             published = await protocol.open_server_endpoint(route, ctx)
         finally:
             record.pending -= 1
+            record.progress.pop(key, None)
             record.last_seen = time.time()
         async with server.lock:
             if server.registry.get(record.id) is not record:
@@ -419,6 +421,7 @@ class ControlApi:
         return 200, {
             "ok": True,
             "routes": {rid: r.counters.as_dict() for rid, r in record.routes.items()},
+            "progress": dict(record.progress),  # routes still being opened: what they wait for
         }
 
     async def get_tunnels(self, request: Message, source: str, local: str) -> tuple[int, Any]:

@@ -13,6 +13,7 @@ import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from weft_core import (
     ApiError,
@@ -38,10 +39,6 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 LOCAL_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stdout, flush=True)
 
 
 def _limits(options: argparse.Namespace) -> vhost.HttpLimits:
@@ -131,9 +128,6 @@ class HttpProtocol:
                 idle_timeout=ctx.options.idle_timeout, on_close=ctx.connection_closed,
             )
         await forwarder.start()
-        if self.scheme == "https" and not route.options.get("tls_chain"):
-            _say(f"waiting  {route.remote}: the server is getting a certificate over ACME "
-                 "(this can take a minute)")
         return forwarder, forwarder.address[1]
 
     # --- server side -------------------------------------------------------------------------
@@ -246,6 +240,10 @@ class HttpsProtocol(HttpProtocol):
         manager = acme_certs.manager_for(Path(state_dir), acme_settings(ctx.options))
         ctx.log.info("https://%s: obtaining a certificate from %s", name,
                      manager.settings.directory)
+        # Shown by the waiting tunnel (an order takes seconds, a failing one up to a minute).
+        ctx.progress(f"the server is getting a certificate from "
+                     f"{urlsplit(manager.settings.directory).netloc}; the CA fetches "
+                     f"http://{name}/.well-known/acme-challenge/... from port 80 of the server")
         try:
             stored, _new = await manager.obtain(name)
         except acme_certs.AcmeFailure as exc:
