@@ -58,11 +58,12 @@ def acme_settings(options: argparse.Namespace) -> acme_certs.AcmeSettings:
     directory = getattr(options, "acme_directory", None) or (
         LETS_ENCRYPT_STAGING if getattr(options, "acme_staging", False) else LETS_ENCRYPT)
     bundle = getattr(options, "acme_ca_bundle", None)
+    renew_days = getattr(options, "acme_renew_before", None)
     return acme_certs.AcmeSettings(
         directory=directory,
         ca_bundle=str(bundle) if bundle else None,
         email=getattr(options, "email", None),
-        renew_before=datetime.timedelta(days=getattr(options, "acme_renew_before", 30.0)),
+        renew_before=None if renew_days is None else datetime.timedelta(days=renew_days),
         check_interval=getattr(options, "acme_check_interval", 3600.0),
         timeout=getattr(options, "acme_timeout", 90.0),
     )
@@ -299,8 +300,9 @@ def weft_server_options(parser: argparse.ArgumentParser) -> None:
                        help="trust this CA bundle for the ACME directory (private CAs)")
     group.add_argument("--email", metavar="ADDRESS",
                        help="contact address registered with the ACME account")
-    group.add_argument("--acme-renew-before", type=float, default=30.0, metavar="DAYS",
-                       help="renew certificates this long before they expire (default 30)")
+    group.add_argument("--acme-renew-before", type=float, default=None, metavar="DAYS",
+                       help="renew certificates this long before they expire (default: when a "
+                       "third of their lifetime is left, 30 days of Let's Encrypt's 90)")
     group.add_argument("--acme-check-interval", type=float, default=3600.0, metavar="SECONDS",
                        help="how often to look for certificates due for renewal (default 3600)")
     group.add_argument("--acme-timeout", type=float, default=90.0, metavar="SECONDS",

@@ -40,10 +40,6 @@ from .certs import CertificateError, CertInfo, check_pair, split_pem, utcnow
 
 log = logging.getLogger("weft.http.acme")
 
-# --acme-renew-before's default. It stands for "a third of the lifetime" (what certbot and Caddy
-# do; 30 days for the usual 90-day certificates): a fixed 30 days would order at every check for
-# a CA issuing shorter ones (Let's Encrypt's 6-day certificates; lifetimes shrink to 45 days).
-DEFAULT_RENEW_BEFORE = datetime.timedelta(days=30)
 # Whatever the window says, a name this manager has renewed is not ordered again within this: an
 # explicit window almost as long as the lifetime would otherwise order at nearly every check.
 MIN_RENEW_INTERVAL = datetime.timedelta(hours=1)
@@ -70,7 +66,7 @@ class AcmeSettings:
     directory: str
     ca_bundle: str | None
     email: str | None
-    renew_before: datetime.timedelta
+    renew_before: datetime.timedelta | None  # None: when a third of the lifetime is left
     check_interval: float
     timeout: float
 
@@ -118,10 +114,12 @@ def _explain_problem(problem: messages.Error, name: str) -> str:
 
 
 def renewal_window(info: CertInfo, renew_before: datetime.timedelta | None) -> datetime.timedelta:
-    """How long before expiry `info` is renewed: the last third of its lifetime, unless
-    --acme-renew-before was set (to anything but its default) shorter than the lifetime."""
+    """How long before expiry `info` is renewed: the last third of its lifetime (what certbot and
+    Caddy do: 30 days of Let's Encrypt's 90, 2 of its 6-day certificates; a fixed 30 days would
+    order at every check for a CA issuing shorter ones), unless --acme-renew-before sets a window
+    shorter than the lifetime."""
     lifetime = info.not_after - info.not_before
-    if renew_before is None or renew_before == DEFAULT_RENEW_BEFORE or renew_before >= lifetime:
+    if renew_before is None or renew_before >= lifetime:
         return lifetime / 3
     return renew_before
 
