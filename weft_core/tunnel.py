@@ -32,7 +32,7 @@ from .plugins import PluginHost
 from .protocol import Endpoint, Route, TunnelProtocol
 from .relay import ConnectionSummary, log_connection
 from .settings import TunnelSettings
-from .urls import RouteUrl, format_host_port, parse_route_url
+from .urls import RouteUrl, format_host_port, parse_route_url, readable_url
 from .wireguard import Peer, WireGuardInterface, unique_interface_name
 from .wireguard.keys import generate_private_key, public_key
 from .wireguard.links import address_on_host
@@ -319,7 +319,7 @@ class Tunnel:
             accept = getattr(active.protocol, "accept_terms", None)
             if accept is not None and isinstance(terms, dict) and active.forwarder is not None:
                 accept(active.forwarder, terms)
-            say(f"ready  {active.public_url} -> {active.route.local}")
+            say(f"ready  {readable_url(active.public_url)} -> {active.route.local}")
         if refused and len(refused) == len(self.routes):
             raise RouteRefused("the server refused every route: " + "; ".join(refused))
 
