@@ -110,7 +110,7 @@ def served_cert(name: str, port: int = 443) -> str:
 
 def curl(lab: Lab, *args: str, timeout: float = 60) -> tuple[int, str]:
     resolve = []
-    for name in (NAME, "own.example.test", "other.example.test"):
+    for name in (NAME, "own.example.test", "other.example.test", "tls.example.test"):
         resolve += ["--resolve", f"{name}:443:{SERVER_IP}", "--resolve", f"{name}:80:{SERVER_IP}"]
     result = lab.visitor.run(["curl", "-sS", "--max-time", str(timeout), *resolve, *args],
                              timeout=timeout + 10)
@@ -165,7 +165,8 @@ def test_https_acme_and_own_certificates(lab: Lab, tmp_path: Path) -> None:
     # The tunnel's own certificate: a good pair is served; a mismatched key is refused.
     ca_pem, ca_key_pem, ca_cert = make_cert([], ca=True)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
-    leaf, leaf_key, _ = make_cert([x509.DNSName("own.example.test")], issuer=(ca_cert, ca_key))
+    leaf, leaf_key, _ = make_cert([x509.DNSName("own.example.test"),
+                                   x509.DNSName("tls.example.test")], issuer=(ca_cert, ca_key))
     (tmp_path / "own.pem").write_bytes(leaf + leaf_key)
     (tmp_path / "ca.pem").write_bytes(ca_pem)
     (tmp_path / "wrong.key").write_bytes(make_cert([])[1])
@@ -174,6 +175,25 @@ def test_https_acme_and_own_certificates(lab: Lab, tmp_path: Path) -> None:
                  "--tls-secret", str(tmp_path / "own.pem"), name="own")
     code, out = curl(lab, "--cacert", str(tmp_path / "ca.pem"), "https://own.example.test/headers")
     assert code == 0 and json.loads(out)["app"] == "a", out
+
+    # https to https: the local server speaks TLS only, with a certificate for 127.0.0.1 from the
+    # same CA, which the tunnel trusts (SSL_CERT_FILE) and verifies: re-encrypted, never plaintext.
+    local, local_key, _ = make_cert([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                                    issuer=(ca_cert, ca_key))
+    (tmp_path / "local.pem").write_bytes(local)
+    (tmp_path / "local.key").write_bytes(local_key)
+    lab.tunnel.popen([sys.executable, APP, "tls-app", "127.0.0.1", "8444",
+                      str(tmp_path / "local.pem"), str(tmp_path / "local.key")],
+                     name="tls-app").wait_for_line("listening")
+    start_tunnel(lab, server.url(), "https://127.0.0.1:8444", "https://tls.example.test",
+                 "--tls-secret", str(tmp_path / "own.pem"), name="tls-to-tls",
+                 extra_env={"SSL_CERT_FILE": str(tmp_path / "ca.pem")})
+    code, out = curl(lab, "--cacert", str(tmp_path / "ca.pem"), "https://tls.example.test/headers")
+    assert code == 0, out
+    seen = json.loads(out)
+    assert seen["app"] == "tls-app"
+    assert {k.lower(): v for k, v in seen["headers"]}["x-forwarded-proto"] == "https"
+
     bad = lab.tunnel.popen([WEFT, "tunnel", server.url(), "http://127.0.0.1:8081",
                             "https://other.example.test", "--tls-cert", str(tmp_path / "leaf.pem"),
                             "--tls-key", str(tmp_path / "wrong.key")], name="bad-key")
