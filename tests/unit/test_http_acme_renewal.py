@@ -353,3 +353,24 @@ def test_a_reused_valid_authorization_is_not_answered_again(tmp_path: Path) -> N
     assert fake.answered == [b"\x01" * 32]
     assert stored.info.remaining() > 89 * DAY
     assert manager.stored(NAME) is not None
+
+
+def test_the_ca_options_pick_the_directory_and_refuse_both_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from weft_core.cli import build_parser
+    from weft_core.plugins import load_plugins
+    from weft_http import LETS_ENCRYPT, LETS_ENCRYPT_STAGING, acme_settings
+
+    parser, _ = build_parser(load_plugins())
+    server = ["server", "--bind", "198.51.100.1"]
+    assert acme_settings(parser.parse_args(server)).directory == LETS_ENCRYPT
+    assert acme_settings(parser.parse_args([*server, "--acme-staging"])).directory == \
+        LETS_ENCRYPT_STAGING
+    own = acme_settings(parser.parse_args([*server, "--acme-directory", "https://ca.test/dir",
+                                           "--email", "ops@example.test"]))
+    assert (own.directory, own.email) == ("https://ca.test/dir", "ops@example.test")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*server, "--acme-staging", "--acme-directory", "https://ca.test/d"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

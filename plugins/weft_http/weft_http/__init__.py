@@ -292,10 +292,12 @@ def weft_server_options(parser: argparse.ArgumentParser) -> None:
                        help="close idle keep-alive visitor connections after this (default 75)")
     group.add_argument("--http-max-header-size", type=int, default=h1.MAX_HEAD, metavar="BYTES",
                        help=f"largest request head accepted (else 431; default {h1.MAX_HEAD})")
-    group.add_argument("--acme-directory", metavar="URL",
-                       help="ACME directory URL (default: Let's Encrypt production)")
-    group.add_argument("--acme-staging", action="store_true",
-                       help="use Let's Encrypt's staging directory (untrusted test certificates)")
+    which_ca = group.add_mutually_exclusive_group()  # both given: say so, never pick one
+    which_ca.add_argument("--acme-directory", metavar="URL",
+                          help="ACME directory URL (default: Let's Encrypt production)")
+    which_ca.add_argument("--acme-staging", action="store_true",
+                          help="use Let's Encrypt's staging directory (untrusted test "
+                          "certificates)")
     group.add_argument("--acme-ca-bundle", type=Path, metavar="PATH",
                        help="trust this CA bundle for the ACME directory (private CAs)")
     group.add_argument("--email", metavar="ADDRESS",
