@@ -3,8 +3,10 @@
     python http_app.py NAME HOST PORT [CERT KEY]
 
 GET  /headers            JSON: {"app": NAME, "headers": {...}, "path": ...}
-GET  /download?size=N&delay=S   N bytes of pattern(i) = i % 251, optionally paced over S seconds
-POST /upload             JSON: {"sha256", "length"} of the body (sized or chunked)
+GET  /download?size=N&delay=S&chunked=1   N bytes of pattern(i) = i % 251, optionally paced over
+                         S seconds, optionally sent chunked
+POST /upload?rate=R      JSON: {"sha256", "length"} of the body (sized or chunked), optionally read
+                         at R bytes per second
 GET  /ws                 WebSocket echo (text and binary frames)
 """
 
@@ -19,6 +21,7 @@ import sys
 from urllib.parse import parse_qs, urlsplit
 
 PATTERN = bytes(i % 251 for i in range(251 * 1024))
+MB = 1_000_000
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -27,9 +30,21 @@ def pattern(size: int) -> bytes:
     return (PATTERN * reps)[:size]
 
 
-async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> tuple[str, int]:
+async def read_body(
+    reader: asyncio.StreamReader, headers: dict[str, str], rate: float = 0
+) -> tuple[str, int]:
     digest = hashlib.sha256()
     total = 0
+
+    async def took(data: bytes) -> None:
+        nonlocal total
+        digest.update(data)
+        total += len(data)
+        if rate:  # a slow reader: the proxy in front must hold the sender back, not buffer
+            if total // MB != (total - len(data)) // MB:
+                print(f"slow upload: {total // MB} MB read", flush=True)
+            await asyncio.sleep(len(data) / rate)
+
     if headers.get("transfer-encoding", "").lower() == "chunked":
         while True:
             size = int((await reader.readline()).split(b";")[0].strip(), 16)
@@ -37,9 +52,10 @@ async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> tu
                 while (await reader.readline()).strip():
                     pass
                 break
-            data = await reader.readexactly(size)
-            digest.update(data)
-            total += size
+            while size:
+                data = await reader.readexactly(min(size, 1 << 16))
+                size -= len(data)
+                await took(data)
             await reader.readexactly(2)
     else:
         remaining = int(headers.get("content-length", "0"))
@@ -47,9 +63,8 @@ async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> tu
             data = await reader.read(min(remaining, 1 << 16))
             if not data:
                 raise ConnectionError("short body")
-            digest.update(data)
-            total += len(data)
             remaining -= len(data)
+            await took(data)
     return digest.hexdigest(), total
 
 
@@ -116,22 +131,28 @@ async def handle(name: str, reader: asyncio.StreamReader, writer: asyncio.Stream
             if method == "POST" and url.path == "/upload":
                 if headers.get("expect", "").lower() == "100-continue":
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                digest, total = await read_body(reader, headers)
+                digest, total = await read_body(reader, headers,
+                                                float(query.get("rate", ["0"])[0]))
                 writer.write(respond("200 OK", json.dumps(
                     {"app": name, "sha256": digest, "length": total}).encode()))
             elif url.path == "/download":
                 size = int(query.get("size", ["0"])[0])
                 delay = float(query.get("delay", ["0"])[0])
+                chunked = query.get("chunked", ["0"])[0] == "1"
+                framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
                 writer.write((f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                              f"Content-Length: {size}\r\n\r\n").encode())
-                data = pattern(size)
+                              f"{framing}\r\n\r\n").encode())
                 step = 64 * 1024
+                periodic = pattern(step + 251)  # pattern(i) = i % 251 repeats every 251 bytes
                 pieces = max(1, (size + step - 1) // step)
                 for i in range(0, size, step):
-                    writer.write(data[i:i + step])
+                    piece = periodic[i % 251:][:min(step, size - i)]
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                     await writer.drain()
                     if delay:
                         await asyncio.sleep(delay / pieces)
+                if chunked:
+                    writer.write(b"0\r\n\r\n")
             else:
                 await read_body(reader, headers)
                 writer.write(respond("200 OK", json.dumps(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import Lab, wait_until
+from netns import Lab, Proc, wait_until
 from weftlab import (
     SERVER_IP,
     WEFT,
@@ -36,10 +36,11 @@ pytestmark = pytest.mark.netns
 APP = str(Path(__file__).resolve().parent / "http_app.py")
 
 
-def start_app(lab: Lab, name: str, port: int, *tls: str) -> None:
+def start_app(lab: Lab, name: str, port: int, *tls: str) -> Proc:
     proc = lab.tunnel.popen([sys.executable, APP, name, "127.0.0.1", str(port), *tls],
                             name=f"app-{name}")
     proc.wait_for_line("listening", timeout=10)
+    return proc
 
 
 def curl(lab: Lab, *args: str, timeout: float = 60) -> tuple[int, str]:
@@ -271,3 +272,47 @@ def test_a_tunnel_cut_off_reclaims_its_name_and_port_from_its_own_ghost(lab: Lab
     code, out = curl(lab, "http://a.example.test/headers")
     assert code == 0 and "a.example.test" in out.lower(), out
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 20_000)["intact"] is True
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_readers_hold_the_sender_back_in_both_directions(lab: Lab, tmp_path: Path) -> None:
+    """Bodies are streamed, never buffered whole: a fast sender meets a slow reader on the other
+    side of the virtual host (chunked both ways), and the server's memory stays flat while the
+    sender could have pushed a hundred megabytes through the WireGuard link."""
+    server = start_server(lab)
+    app = start_app(lab, "a", 8081)
+    start_tunnel(lab, server.url(), "http://127.0.0.1:8081", "http://a.example.test")
+    assert curl(lab, "http://a.example.test/headers")[0] == 0
+    base = rss_kib(server.proc.pid)
+
+    # Response: 300 MB chunked from the app, read by the visitor at 2 MB/s.
+    got = tmp_path / "down.bin"
+    download = lab.visitor.popen(
+        ["curl", "-sS", "--limit-rate", "2M", "--resolve", f"a.example.test:80:{SERVER_IP}",
+         "-o", str(got), "http://a.example.test/download?size=300000000&chunked=1"],
+        name="slow-download")
+    wait_until(lambda: got.exists() and got.stat().st_size >= 6_000_000, timeout=30,
+               message="the slow download to get 6 MB")
+    grew = rss_kib(server.proc.pid) - base
+    assert grew < 24 * 1024, f"the server buffered the answer: RSS +{grew} KiB"
+    assert download.returncode is None  # still going, at the visitor's pace
+    download.terminate()
+
+    # Request: 300 MB chunked from the visitor, read by the app at 2 MB/s.
+    mark = app.mark()
+    upload = lab.visitor.popen(
+        ["sh", "-c", f"head -c 300000000 /dev/zero | curl -sS -X POST -T - -H 'Transfer-Encoding: "
+         f"chunked' --resolve a.example.test:80:{SERVER_IP} "
+         "'http://a.example.test/upload?rate=2000000'"], name="slow-upload")
+    app.wait_for_line(r"slow upload: 6 MB read", timeout=30, after=mark)
+    grew = rss_kib(server.proc.pid) - base
+    assert grew < 24 * 1024, f"the server buffered the request body: RSS +{grew} KiB"
+    assert upload.returncode is None
+    upload.terminate()
+    assert curl(lab, "http://a.example.test/headers")[0] == 0  # and it serves on
