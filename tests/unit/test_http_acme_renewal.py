@@ -274,6 +274,13 @@ def test_explain_port_80_unreachable(code: str) -> None:
     assert "port 80 is open" in reason
 
 
+def test_only_a_failed_fetch_asks_the_server_to_check_dns() -> None:
+    assert acme_certs.failure(failed_validation("connection", "timeout"), NAME).fetch
+    assert not acme_certs.failure(failed_validation("dns", "NXDOMAIN"), NAME).fetch
+    assert not acme_certs.failure(messages.Error.with_code("rateLimited", detail="5"), NAME).fetch
+    assert not acme_certs.failure(errors.TimeoutError(), NAME).fetch
+
+
 def test_explain_rate_limit() -> None:
     # new_order raises the CA's problem document itself (HTTP 429).
     problem = messages.Error.with_code(

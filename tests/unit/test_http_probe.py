@@ -166,3 +166,17 @@ def test_bad_name_says_what_to_fix(tmp_path: Path) -> None:
                                    resolve=resolves_to()))
     assert code == ExitCode.USAGE
     assert "xn--n3h.example" in "\n".join(lines)
+
+
+def test_after_a_failed_fetch_the_server_says_whether_dns_points_elsewhere() -> None:
+    hint = probe.dns_hint("app.example.test", "198.51.100.1", resolves_to("198.51.100.99"),
+                          lambda address: False)
+    assert hint == ("DNS for app.example.test points at 198.51.100.99, not at this server "
+                    "(198.51.100.1): fix the record, or, if this server is behind NAT, forward "
+                    "port 80 from there to it")
+    # DNS points here (the login address, or an address of this host): port 80 is the suspect.
+    assert probe.dns_hint("app.example.test", "198.51.100.1", resolves_to("198.51.100.1"),
+                          lambda address: False) is None
+    assert probe.dns_hint("app.example.test", "10.0.0.5", resolves_to("127.0.0.1")) is None
+    assert probe.dns_hint("app.example.test", "198.51.100.1", no_such_name) == \
+        "DNS for app.example.test does not resolve from this server either"

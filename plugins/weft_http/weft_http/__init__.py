@@ -8,6 +8,8 @@ See docs/http.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime
 import ssl
 import sys
@@ -39,6 +41,7 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 LOCAL_DEFAULT_PORTS = {"http": 80, "https": 443}
+DNS_HINT_TIMEOUT = 5.0  # resolving a failed order's name on the server, to tell DNS from port 80
 
 
 def _limits(options: argparse.Namespace) -> vhost.HttpLimits:
@@ -248,9 +251,17 @@ class HttpsProtocol(HttpProtocol):
         try:
             stored, _new = await manager.obtain(name)
         except acme_certs.AcmeFailure as exc:
-            ctx.log.warning("https://%s: no certificate: %s", name, exc)
+            reason = str(exc)
+            if exc.fetch:  # wrong DNS or a closed port 80? The CA cannot say; this server can.
+                from .probe import dns_hint
+
+                with contextlib.suppress(TimeoutError):
+                    hint = await asyncio.wait_for(
+                        asyncio.to_thread(dns_hint, name, ctx.bind_address), DNS_HINT_TIMEOUT)
+                    reason = f"{hint}. ({reason})" if hint else reason
+            ctx.log.warning("https://%s: no certificate: %s", name, reason)
             raise ApiError(422, "certificate_failed",
-                           f"no certificate for {name}: {exc}") from None
+                           f"no certificate for {name}: {reason}") from None
 
         def install(fresh: acme_certs.Stored) -> None:
             if name in site.certs:

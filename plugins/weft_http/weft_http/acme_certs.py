@@ -58,7 +58,15 @@ ORDER_LIMIT = 105.0
 
 
 class AcmeFailure(Exception):
-    """Why a certificate could not be obtained, in words for the tunnel's user."""
+    """Why a certificate could not be obtained, in words for the tunnel's user. `fetch`: the CA
+    could not fetch the challenge (wrong DNS, or port 80 closed: the server can tell which)."""
+
+    def __init__(self, message: str, fetch: bool = False) -> None:
+        super().__init__(message)
+        self.fetch = fetch
+
+
+FETCH_PROBLEMS = ("connection", "unauthorized", "incorrectResponse")
 
 
 @attrs.frozen
@@ -78,18 +86,39 @@ class Stored:
     info: CertInfo
 
 
-def explain(exc: BaseException, name: str) -> str:
-    """A sentence saying what went wrong and what to fix."""
+def _problem(exc: BaseException) -> messages.Error | None:
+    """The CA's problem document behind `exc`, if it has one."""
     if isinstance(exc, errors.ValidationError):
         for authzr in exc.failed_authzrs:
             for chall in authzr.body.challenges:
                 if chall.error is not None:
-                    return _explain_problem(chall.error, name)
-        return f"the CA could not validate {name}"
+                    return chall.error
+        return None
     if isinstance(exc, messages.Error):
-        return _explain_problem(exc, name)
+        return exc
     if isinstance(exc, errors.IssuanceError):  # the order failed at finalization
-        return _explain_problem(exc.error, name)
+        return exc.error
+    return None
+
+
+def _problem_code(problem: messages.Error) -> str:
+    return (problem.code or problem.typ or "").rsplit(":", 1)[-1]
+
+
+def failure(exc: BaseException, name: str) -> AcmeFailure:
+    """`exc` as the AcmeFailure the tunnel is told about."""
+    problem = _problem(exc)
+    fetch = problem is not None and _problem_code(problem) in FETCH_PROBLEMS
+    return AcmeFailure(explain(exc, name), fetch=fetch)
+
+
+def explain(exc: BaseException, name: str) -> str:
+    """A sentence saying what went wrong and what to fix."""
+    problem = _problem(exc)
+    if problem is not None:
+        return _explain_problem(problem, name)
+    if isinstance(exc, errors.ValidationError):
+        return f"the CA could not validate {name}"
     if isinstance(exc, errors.TimeoutError | TimeoutError):
         return f"the CA did not finish validating {name} in time"
     if isinstance(exc, OSError | errors.ClientError):
@@ -98,12 +127,12 @@ def explain(exc: BaseException, name: str) -> str:
 
 
 def _explain_problem(problem: messages.Error, name: str) -> str:
-    code = (problem.code or problem.typ or "").rsplit(":", 1)[-1]
+    code = _problem_code(problem)
     detail = problem.detail or ""
     if code == "dns":
         return (f"DNS for {name} does not resolve to this server ({detail}); point an A/AAAA "
                 "record at this server and check with `weft probe`")
-    if code in ("connection", "unauthorized", "incorrectResponse"):
+    if code in FETCH_PROBLEMS:
         return (f"the CA could not fetch the challenge from http://{name}/ on port 80 "
                 f"({detail}); make sure DNS points here and port 80 is open (`weft probe {name}`)")
     if code == "rateLimited":
@@ -299,7 +328,7 @@ class AcmeManager:
             except Exception as exc:
                 if isinstance(exc, OSError | errors.ClientError):
                     self._client = None  # set up the account again next time
-                raise AcmeFailure(explain(exc, name)) from exc
+                raise failure(exc, name) from exc
             self._renewed(name)
             return fresh
 

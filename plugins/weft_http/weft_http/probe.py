@@ -56,6 +56,26 @@ def _resolve(domain: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
+def dns_hint(
+    domain: str,
+    server_address: str,
+    resolve: Callable[[str], list[str]] = _resolve,
+    is_local: Callable[[str], bool] = _is_local,
+) -> str | None:
+    """After the CA could not fetch a challenge: if DNS for `domain` points elsewhere than this
+    server, a sentence saying so (the CA's "connection" error reads the same for a wrong record and
+    a closed port 80). None when DNS points here, or cannot be told from here."""
+    try:
+        addresses = resolve(domain)
+    except OSError:
+        return f"DNS for {domain} does not resolve from this server either"
+    if not addresses or server_address in addresses or any(map(is_local, addresses)):
+        return None
+    return (f"DNS for {domain} points at {', '.join(addresses)}, not at this server "
+            f"({server_address}): fix the record, or, if this server is behind NAT, forward port "
+            f"80 from there to it")
+
+
 def _fetch(address: str, port: int, domain: str, token: str, timeout: float) -> tuple[int, str]:
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
