@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -84,9 +85,13 @@ def body_json(response: bytes) -> dict[str, object]:
     return result
 
 
-def websocket_echo(host: str, messages: list[bytes]) -> list[bytes]:
+def websocket_echo(host: str, messages: list[bytes], cafile: str | None = None) -> list[bytes]:
+    """Each message through a WebSocket to the app's echo (over TLS on 443, trusting `cafile`)."""
     key = base64.b64encode(os.urandom(16)).decode()
-    with socket.create_connection((SERVER_IP, 80), timeout=10) as sock:
+    raw = socket.create_connection((SERVER_IP, 80 if cafile is None else 443), timeout=10)
+    if cafile is not None:
+        raw = ssl.create_default_context(cafile=cafile).wrap_socket(raw, server_hostname=host)
+    with raw as sock:
         sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                       "Sec-WebSocket-Version: 13\r\n\r\n").encode())

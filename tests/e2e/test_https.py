@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import shutil
 import socket
@@ -24,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from test_http import websocket_echo
 
 from netns import Lab, Proc
 from weftlab import SERVER_IP, WEFT, start_server, start_tunnel, wait_ready
@@ -191,6 +193,10 @@ def test_https_acme_and_own_certificates(lab: Lab, lab_resolver: None, tmp_path:
                  "--tls-secret", str(tmp_path / "own.pem"), name="own")
     code, out = curl(lab, "--cacert", str(tmp_path / "ca.pem"), "https://own.example.test/headers")
     assert code == 0 and json.loads(out)["app"] == "a", out
+    # A WebSocket upgrade over TLS.
+    messages = [b"hello", os.urandom(5000), b"bye"]
+    assert lab.visitor.call(websocket_echo, "own.example.test", messages,
+                            str(tmp_path / "ca.pem")) == messages
 
     # https to https: the local server speaks TLS only, with a certificate for 127.0.0.1 from the
     # same CA, which the tunnel trusts (SSL_CERT_FILE) and verifies: re-encrypted, never plaintext.
