@@ -147,9 +147,10 @@ def _self_signed(name: str, directory: Path) -> tuple[str, str]:
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
+                [x509.DNSName(name) if name[0].isalpha()
+                 else x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
             .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "local.crt", directory / "local.key"
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
@@ -257,25 +258,33 @@ def test_http_name_released_with_its_tunnel(lab: Lab) -> None:
     assert json.loads(curl(lab, "http://a.example.test/headers")[1])["app"] == "b"
 
 
-def test_a_tunnel_cut_off_reclaims_its_name_and_port_from_its_own_ghost(lab: Lab) -> None:
+def test_a_tunnel_cut_off_reclaims_its_name_and_port_from_its_own_ghost(
+    lab: Lab, tmp_path: Path
+) -> None:
     # A long health timeout keeps the old registration (the ghost) alive through the outage.
     server = start_server(lab, "--health-timeout", "120")
     start_app(lab, "a", 8001)
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
+    cert, key = _self_signed("s.example.test", tmp_path)
     tunnel = start_tunnel(lab, server.url(), "http://127.0.0.1:8001", "http://a.example.test",
-                          "tcp://127.0.0.1:5432", "tcp://:15432")
+                          "tcp://127.0.0.1:5432", "tcp://:15432",
+                          "http://127.0.0.1:8001", "https://s.example.test",
+                          "--tls-cert", cert, "--tls-key", key)
     urls = ready_urls(tunnel)
     assert curl(lab, "http://a.example.test/headers")[0] == 0
+    https = ["-k", "--resolve", f"s.example.test:443:{SERVER_IP}", "https://s.example.test/"]
+    assert curl(lab, *https)[0] == 0
 
     mark = tunnel.mark()
     lab.tunnel.link_down()
     tunnel.wait_for_line(r"reconnecting in", timeout=40, after=mark)
     lab.tunnel.link_up()
-    # Same name, same port: the ghost never blocks its own tunnel.
-    assert sorted(wait_ready(tunnel, 2, timeout=60, after=mark)) == sorted(urls)
+    # Same names, same port: the ghost never blocks its own tunnel.
+    assert sorted(wait_ready(tunnel, 3, timeout=60, after=mark)) == sorted(urls)
     server.proc.wait_for_line(r"removed \(replaced by a new connection\)", timeout=5)
     code, out = curl(lab, "http://a.example.test/headers")
     assert code == 0 and "a.example.test" in out.lower(), out
+    assert curl(lab, *https)[0] == 0
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 20_000)["intact"] is True
 
 
