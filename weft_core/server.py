@@ -14,6 +14,7 @@ import socket
 import ssl
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .firewall import ServerIsolation, check_nftables
 from .leftovers import claim, remove_left_behind, unclaim
 from .netctx import HOST_NET, NetContext
 from .plugins import PluginHost
+from .protocol import Route
 from .registry import Registry, TunnelRecord
 from .relay import ConnectionSummary, log_connection
 from .settings import ServerSettings
@@ -38,6 +40,7 @@ log = logging.getLogger("weft.server")
 SERVER_PREFIX = "wefts"  # the server's WireGuard interface: wefts + random hex
 
 REAP_INTERVAL = 2.0
+MAX_LAST_PORTS = 10_000  # port-0 routes whose last port is remembered (see bind_public_port)
 MAX_PROGRESS = 300  # characters of a route's progress message (it goes out in health checks)
 
 
@@ -45,11 +48,14 @@ class RouteContext:
     """The `ServerContext` a plugin gets while it opens one route's public side."""
 
     def __init__(
-        self, server: Server, tunnel: TunnelRecord, forwarder_port: int, route_key: str = ""
+        self, server: Server, tunnel: TunnelRecord, forwarder_port: int, route: Route | None = None
     ) -> None:
         self._server = server
         self._tunnel = tunnel
-        self._route_key = route_key
+        self._route_key = "" if route is None else str(route.remote)
+        # A port-0 route of a tunnel restarted under the same name gets its last port back.
+        self._sticky = None if route is None else (tunnel.realm, tunnel.name, str(route.local),
+                                                  route.remote.scheme)
         self.net: NetContext = HOST_NET
         self.wireguard_net: NetContext = HOST_NET
         self.bind_address = tunnel.realm
@@ -85,7 +91,7 @@ class RouteContext:
     def bind_public_port(
         self, transport: str, host: str, port: int, bind: Callable[[int], socket.socket]
     ) -> socket.socket:
-        return self._server.bind_public_port(transport, host, port, bind)
+        return self._server.bind_public_port(transport, host, port, bind, self._sticky)
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         if self._server.settings.verbose:
@@ -109,6 +115,9 @@ class Server:
         self._stopping = asyncio.Event()
         # Registry changes that await (opening endpoints) run one at a time.
         self.lock = asyncio.Lock()
+        # The last port each route got, by (transport, host, realm, tunnel name, local URL,
+        # scheme): a tunnel restarted under the same --name gets its ports back. Bounded, LRU.
+        self._last_ports: OrderedDict[tuple[str, ...], int] = OrderedDict()
 
     # --- start -------------------------------------------------------------------------------
 
@@ -277,9 +286,9 @@ class Server:
         return self.secrets.get(local_address) or auth.new_secret()
 
     def route_context(
-        self, tunnel: TunnelRecord, forwarder_port: int, route_key: str = ""
+        self, tunnel: TunnelRecord, forwarder_port: int, route: Route | None = None
     ) -> RouteContext:
-        return RouteContext(self, tunnel, forwarder_port, route_key)
+        return RouteContext(self, tunnel, forwarder_port, route)
 
     # --- port policy -------------------------------------------------------------------------
 
@@ -290,11 +299,36 @@ class Server:
         }
 
     def bind_public_port(
-        self, transport: str, host: str, port: int, bind: Callable[[int], socket.socket]
+        self,
+        transport: str,
+        host: str,
+        port: int,
+        bind: Callable[[int], socket.socket],
+        sticky: tuple[str, ...] | None = None,
+    ) -> socket.socket:
+        """Bind `port` (0: any allowed port) under the port policy. `sticky` names the route
+        (realm, tunnel name, local URL, scheme): port 0 tries the port it last had first."""
+        key = None if sticky is None else (transport, host, *sticky)
+        sock = self._bind_by_policy(transport, host, port, bind,
+                                    None if key is None else self._last_ports.get(key))
+        if key is not None:
+            self._last_ports[key] = sock.getsockname()[1]
+            self._last_ports.move_to_end(key)
+            while len(self._last_ports) > MAX_LAST_PORTS:
+                self._last_ports.popitem(last=False)
+        return sock
+
+    def _bind_by_policy(
+        self,
+        transport: str,
+        host: str,
+        port: int,
+        bind: Callable[[int], socket.socket],
+        last: int | None,
     ) -> socket.socket:
         reserved = self.reserved_ports(transport)
         if port == 0:
-            return self._bind_any(transport, host, reserved, bind)
+            return self._bind_any(transport, host, reserved, bind, last)
         if port in reserved:
             raise ApiError(
                 403, "port_reserved", f"port {port}/{transport} is {reserved[port]} of this server"
@@ -317,8 +351,12 @@ class Server:
         host: str,
         reserved: dict[int, str],
         bind: Callable[[int], socket.socket],
+        last: int | None = None,
     ) -> socket.socket:
-        for port in self._port_candidates():
+        candidates = self._port_candidates()
+        if last is not None and self.settings.port_allowed(last):
+            candidates.insert(0, last)
+        for port in candidates:
             if port in reserved:
                 continue
             try:

@@ -255,7 +255,8 @@ def test_the_tunnel_follows_the_servers_session_limits(lab: Lab) -> None:
 def test_server_restart_same_port_and_clean_goodbye(lab: Lab) -> None:
     server = start_server(lab)
     udp_echo(lab.tunnel, 7000)
-    tunnel = start_tunnel(lab, server.url(), "udp://127.0.0.1:7000", "udp://:0")
+    tunnel = start_tunnel(lab, server.url(), "udp://127.0.0.1:7000", "udp://:0",
+                          "--name", "dns")
     (url,) = ready_urls(tunnel)
     port = public_port(url)
     assert udp_peer(lab.visitor, "probe", SERVER_IP, port, 5) == {"state": "answered"}
@@ -280,3 +281,9 @@ def test_server_restart_same_port_and_clean_goodbye(lab: Lab) -> None:
     assert tunnel.wait(timeout=5) == 0
     wait_until(lambda: udp_port_free(lab.server, SERVER_IP, port), timeout=2,
                message=f"udp port {port} to be released after the goodbye")
+
+    # The tunnel restarted under its name gets the same port for its udp://:0 route.
+    again = start_tunnel(lab, server.url(), "udp://127.0.0.1:7000", "udp://:0", "--name", "dns",
+                         name="restarted")
+    assert ready_urls(again) == [url]
+    assert udp_peer(lab.visitor, "probe", SERVER_IP, port, 5) == {"state": "answered"}

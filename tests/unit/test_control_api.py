@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class FakeServer(Server):
         self.recorder = RecordingInterface()
         self.interface = self.recorder  # type: ignore[assignment]
         self.lock = asyncio.Lock()
+        self._last_ports: OrderedDict[tuple[str, ...], int] = OrderedDict()
 
 
 def wg_key(seed: int) -> str:
@@ -952,5 +954,29 @@ def test_a_udp_route_on_a_port_in_use_is_409_and_a_free_one_gets_the_servers_ter
         assert status == 201, body
         assert body["terms"] == {"idle_timeout": 60.0, "max_sessions": 10_000}
         await h.call(request("DELETE", "/connect", None, token))
+
+    run(tmp_path, test)
+
+
+def test_a_tunnel_restarted_under_its_name_gets_its_port_0_routes_ports_back(
+    tmp_path: Path,
+) -> None:
+    async def test(h: Harness) -> None:
+        route = {"local": "udp://127.0.0.1:53", "remote": "udp://:0", "forwarder_port": 40000}
+
+        async def run_once(tunnel_id: str, key: int, name: str) -> int:
+            token = await h.login(tunnel_id)
+            await h.connect(token, wg_key(key), name=name)
+            status, body = await h.call(request("POST", "/routes", route, token))
+            assert status == 201, body
+            await h.call(request("DELETE", "/connect", None, token))  # goodbye: port freed
+            return int(body["public_url"].rsplit(":", 1)[1])
+
+        first = await run_once("t-one", 1, "dns")
+        assert await run_once("t-two", 2, "dns") == first  # a new process, the same name
+        # The port taken meanwhile: any free port, as before.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", first))
+            assert await run_once("t-three", 3, "dns") != first
 
     run(tmp_path, test)

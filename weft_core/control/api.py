@@ -362,7 +362,7 @@ class ControlApi:
         # Opening may take long (an ACME order): never hold the lock for other tunnels meanwhile.
         key = str(route.remote)
         try:
-            ctx = server.route_context(record, forwarder_port, key)
+            ctx = server.route_context(record, forwarder_port, route)
             published = await protocol.open_server_endpoint(route, ctx)
         finally:
             record.pending -= 1
