@@ -13,12 +13,13 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import josepy as jose
 import pytest
-from acme import challenges, errors, messages
+from acme import challenges, client, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -107,19 +108,61 @@ def in_thread(target: object, *args: object) -> threading.Thread:
 # --- 1. a restart inside the window while the CA fails keeps serving the stored certificate ---
 
 
-def test_failing_renewal_at_start_serves_the_still_valid_stored_certificate(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def watched(ca: FakeCA, stored: Stored, until: Callable[[list[Stored]], bool]) -> list[Stored]:
+    """What the watcher hands `install` for NAME (served `stored`) until `until(installed)`."""
+    installed: list[Stored] = []
+
+    async def main() -> None:
+        unwatch = ca.watch(NAME, installed.append, stored)
+        try:
+            async with asyncio.timeout(WAIT):
+                while not until(installed):
+                    await asyncio.sleep(0.01)
+        finally:
+            unwatch()
+            ca.stop()
+
+    asyncio.run(main())
+    return installed
+
+
+def test_a_restart_inside_the_window_serves_the_stored_certificate_and_renews_it_behind(
+        tmp_path: Path) -> None:
     now = utcnow()
     store_cert(tmp_path, NAME, now - 80 * DAY, now + 10 * DAY)  # inside the 30-day window
+    ca = FakeCA(tmp_path, settings())  # checks hourly: the renewal must not wait for that
+    stored, new = asyncio.run(ca.obtain(NAME))
+    assert not new and ca.orders == []  # served at once, without waiting for the CA
+    assert stored.info.not_after == (now + 10 * DAY).replace(microsecond=0)
+    installed = watched(ca, stored, lambda installed: bool(installed))
+    assert ca.orders == [NAME] and installed[0].info.remaining() > 80 * DAY
+
+
+def test_while_the_ca_fails_the_stored_certificate_stays_and_the_failure_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - 80 * DAY, now + 10 * DAY)
     ca = FakeCA(tmp_path, settings())
     ca.fail[NAME] = "the CA's rate limit was hit (too many certificates); wait and try again"
+    stored, new = asyncio.run(ca.obtain(NAME))
+    assert not new and ca.orders == []
     with caplog.at_level(logging.WARNING, logger="weft.http.acme"):
-        stored, new = asyncio.run(ca.obtain(NAME))
-    assert not new
-    assert stored.info.not_after == (now + 10 * DAY).replace(microsecond=0)
-    assert ca.orders == [NAME]  # it did try to renew
-    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "rate limit" in warning and NAME in warning
+        installed = watched(ca, stored, lambda installed: bool(ca.orders) and any(
+            "rate limit" in r.getMessage() for r in caplog.records))
+    assert installed == []  # nothing replaced the certificate being served
+
+
+def test_the_watcher_installs_a_certificate_another_order_stored(tmp_path: Path) -> None:
+    """An order that outlived the tunnel's wait stores its certificate later: it is served."""
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - DAY, now + 89 * DAY)
+    ca = FakeCA(tmp_path, settings(check_interval=0.05))
+    first = ca.stored(NAME)
+    assert first is not None
+    store_cert(tmp_path, NAME, now, now + 90 * DAY)  # the late order's certificate
+    installed = watched(ca, first, lambda installed: bool(installed))
+    assert ca.orders == []  # nothing was due: it only installed what was stored
+    assert installed[0].info.fingerprint != first.info.fingerprint
 
 
 def test_failing_order_refuses_when_the_stored_certificate_is_about_to_expire(
@@ -136,8 +179,8 @@ def test_order_rechecks_the_stored_certificate_after_taking_the_lock(tmp_path: P
     """The second of two callers that both found the certificate due (a reconnect and the
     watcher) gets the lock after the first stored a fresh one: it must not order again."""
     now = utcnow()
-    store_cert(tmp_path, NAME, now - 80 * DAY, now + 10 * DAY)
-    ca = FakeCA(tmp_path, settings())
+    store_cert(tmp_path, NAME, now - 90 * DAY, now + datetime.timedelta(minutes=30))  # too old
+    ca = FakeCA(tmp_path, settings())  # to serve: the reconnect must order (and so wait)
     gate = ca.hold(NAME)
     watcher = in_thread(ca.order, NAME)
     assert ca.started[NAME].wait(WAIT)
@@ -206,13 +249,13 @@ def test_obtain_waits_clearly_less_than_the_tunnel() -> None:
 def test_short_lived_certificate_is_not_renewed_at_every_check(tmp_path: Path) -> None:
     now = utcnow()
     store_cert(tmp_path, NAME, now - DAY, now + 5 * DAY)  # a 6-day certificate, 5 days left
-    ca = FakeCA(tmp_path, settings(), lifetime=6 * DAY)
+    ca = FakeCA(tmp_path, settings(renew_before=None), lifetime=6 * DAY)
     stored, new = asyncio.run(ca.obtain(NAME))
-    assert not new and ca.orders == []
+    assert not new and ca.orders == [] and not ca.due(NAME, stored)
     store_cert(tmp_path, NAME, now - 4 * DAY - HOUR, now + 2 * DAY - HOUR)  # under a third left
     stored, new = asyncio.run(ca.obtain(NAME))
-    assert new and ca.orders == [NAME]
-    assert stored.info.remaining() > 5 * DAY
+    assert ca.due(NAME, stored)
+    assert ca.order(NAME).info.remaining() > 5 * DAY and ca.orders == [NAME]
 
 
 @pytest.mark.parametrize(("lifetime", "renew_before", "window"), [
@@ -355,7 +398,7 @@ def test_a_reused_valid_authorization_is_not_answered_again(tmp_path: Path) -> N
     answering its challenge again is refused, which failed renewals."""
     manager = AcmeManager(tmp_path, settings())
     fake = FakeAcmeClient(["valid", "pending"])
-    manager._client = fake  # type: ignore[assignment]
+    manager._order_client = lambda: fake  # type: ignore[assignment,method-assign,return-value]
     stored = manager.order(NAME)
     assert fake.answered == [b"\x01" * 32]
     assert stored.info.remaining() > 89 * DAY
@@ -381,3 +424,18 @@ def test_the_ca_options_pick_the_directory_and_refuse_both_at_once(
         parser.parse_args([*server, "--acme-staging", "--acme-directory", "https://ca.test/d"])
     assert exit_.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_each_order_gets_a_client_of_its_own_on_the_shared_account(tmp_path: Path) -> None:
+    """Orders of different names run side by side in threads; one client's nonce pool and HTTP
+    session are not thread-safe (two threads could pop the same nonce: a KeyError for a reason)."""
+    manager = AcmeManager(tmp_path, settings())
+    key = jose.JWKRSA(key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    account = messages.RegistrationResource(uri="https://ca.example.test/acct/1",
+                                            body=messages.Registration())
+    directory = messages.Directory({"newOrder": "https://ca.example.test/new-order"})
+    manager._client = client.ClientV2(directory, client.ClientNetwork(key, account=account))
+    one, two = manager._order_client(), manager._order_client()
+    assert one.net is not two.net and one.net.session is not two.net.session
+    assert one.net.key is key and two.net.account is account
+    assert one.directory is directory

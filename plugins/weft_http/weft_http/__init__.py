@@ -246,7 +246,7 @@ class HttpsProtocol(HttpProtocol):
                      manager.settings.directory)
         # Shown by the waiting tunnel (an order takes seconds, a failing one up to a minute).
         ctx.progress(f"the server is getting a certificate from "
-                     f"{urlsplit(manager.settings.directory).netloc}; the CA fetches "
+                     f"{urlsplit(manager.settings.directory).hostname}; the CA fetches "
                      f"http://{name}/.well-known/acme-challenge/... from port 80 of the server")
         try:
             stored, _new = await manager.obtain(name)
@@ -267,7 +267,7 @@ class HttpsProtocol(HttpProtocol):
             if name in site.certs:
                 site.certs[name] = server_context(fresh.chain, fresh.key)
 
-        unwatch = manager.watch(name, install)
+        unwatch = manager.watch(name, install, stored)
         return server_context(stored.chain, stored.key), unwatch
 
 

@@ -43,8 +43,9 @@ log = logging.getLogger("weft.http.acme")
 # Whatever the window says, a name this manager has renewed is not ordered again within this: an
 # explicit window almost as long as the lifetime would otherwise order at nearly every check.
 MIN_RENEW_INTERVAL = datetime.timedelta(hours=1)
-# A stored certificate still valid this long is served when renewing it fails (the watcher retries
-# meanwhile); one about to expire is not worth a tunnel that looks fine and then breaks.
+# A stored certificate still valid this long is served at once, due for renewal or not (the watcher
+# renews it in the background); one about to expire is ordered anew before the route opens: it is
+# not worth a tunnel that looks fine and then breaks.
 MIN_VALID = datetime.timedelta(hours=1)
 # Timeout of each request to the CA (connect, then each read).
 NETWORK_TIMEOUT = 15
@@ -154,6 +155,13 @@ def renewal_window(info: CertInfo, renew_before: datetime.timedelta | None) -> d
 
 
 @attrs.define
+@attrs.define
+class _Watch:
+    install: Callable[[Stored], None]
+    fingerprint: str  # of the certificate `install` last got
+
+
+@attrs.define
 class _NameLock:
     lock: threading.Lock = attrs.Factory(threading.Lock)
     users: int = 0  # orders running or waiting for this name
@@ -175,8 +183,9 @@ class AcmeManager:
         self._account_lock = threading.Lock()  # one account set-up, shared by all orders
         self._renewed_at: dict[str, datetime.datetime] = {}
         self._client: client.ClientV2 | None = None
-        self.watched: dict[str, Callable[[Stored], None]] = {}
+        self.watched: dict[str, _Watch] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # a check now, not at the next interval
 
     # --- storage ---------------------------------------------------------------------------
 
@@ -332,8 +341,18 @@ class AcmeManager:
             self._renewed(name)
             return fresh
 
+    def _order_client(self) -> client.ClientV2:
+        """A client of its own for one order (the account's key and URL, a fresh connection):
+        orders of different names run side by side in threads, and a shared client's nonce pool
+        and HTTP session are not thread-safe (two threads could pop the same nonce)."""
+        shared = self._account()
+        net = client.ClientNetwork(shared.net.key, account=shared.net.account,
+                                   user_agent="weft-http", timeout=NETWORK_TIMEOUT,
+                                   verify_ssl=self.settings.ca_bundle or True)  # type: ignore[arg-type]
+        return client.ClientV2(shared.directory, net)
+
     def _order(self, name: str, deadline: float) -> Stored:
-        acme = self._account()
+        acme = self._order_client()
         key = ec.generate_private_key(ec.SECP256R1())
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -371,73 +390,82 @@ class AcmeManager:
         return min(self.settings.timeout, ORDER_LIMIT) + NETWORK_TIMEOUT
 
     async def obtain(self, name: str) -> tuple[Stored, bool]:
-        """A usable certificate for `name`: (stored one, False) or (newly ordered, True)."""
+        """A usable certificate for `name`: (stored one, False) or (newly ordered, True).
+
+        A stored certificate valid for at least MIN_VALID is served at once, also when it is due
+        for renewal: the watcher renews it in the background (started by `watch`). A restart or
+        reconnect therefore never waits for the CA, nor loses a working site to a CA outage.
+        Only a name without a usable certificate waits for an order."""
         stored = self.stored(name)
-        if stored is not None and not self.due(name, stored):
-            log.info("ACME: reusing the stored certificate for %s (serial %x, valid until %s)",
-                     name, stored.info.serial, stored.info.not_after)
+        if stored is not None and stored.info.remaining(self.clock()) >= MIN_VALID:
+            due = self.due(name, stored)
+            log.info("ACME: reusing the stored certificate for %s (serial %x, valid until %s)%s",
+                     name, stored.info.serial, stored.info.not_after,
+                     "; due for renewal, renewing it in the background" if due else "")
             record_event("certificate", event="loaded", name=name)
             return stored, False
         deadline = time.monotonic() + min(self.settings.timeout, ORDER_LIMIT)
         try:
-            # The thread cannot be stopped: past the limit it finishes (and stores) on its own.
+            # The thread cannot be stopped: past the limit it finishes (and stores) on its own,
+            # and the watcher installs what it stored.
             async with asyncio.timeout(self.answer_within()):
                 fresh = await asyncio.to_thread(self.order, name, deadline)
         except TimeoutError:
-            return self._fall_back(name, AcmeFailure(
-                f"the CA did not finish validating {name} in time"))
-        except AcmeFailure as exc:
-            return self._fall_back(name, exc)
-        new = stored is None or fresh.info.fingerprint != stored.info.fingerprint
-        record_event("certificate", event="issued" if new else "loaded", name=name)
-        return fresh, new
-
-    def _fall_back(self, name: str, failure: AcmeFailure) -> tuple[Stored, bool]:
-        """After a failed order: the stored certificate if still good for a while, else refuse.
-        A restart or reconnect inside the renewal window must not take a working site down."""
-        stored = self.stored(name)
-        record_event("certificate", event="failed", name=name)
-        if stored is None or stored.info.remaining(self.clock()) < MIN_VALID:
-            raise failure
-        log.warning("ACME: renewing the certificate for %s failed: %s; serving the stored one "
-                    "(valid until %s), renewal is retried every %.0f s", name, failure,
-                    stored.info.not_after, self.settings.check_interval)
-        return stored, False
+            record_event("certificate", event="failed", name=name)
+            raise AcmeFailure(f"the CA did not finish validating {name} in time") from None
+        except AcmeFailure:
+            record_event("certificate", event="failed", name=name)
+            raise
+        record_event("certificate", event="issued", name=name)
+        return fresh, True
 
     # --- renewal ---------------------------------------------------------------------------
 
-    def watch(self, name: str, install: Callable[[Stored], None]) -> Callable[[], None]:
-        """Renew `name` when due and hand the new certificate to `install`; returns unwatch."""
-        self.watched[name] = install
+    def watch(self, name: str, install: Callable[[Stored], None],
+              installed: Stored) -> Callable[[], None]:
+        """Keep `name`'s certificate fresh: renew it when due and hand `install` every newer
+        certificate stored for it (`installed` is the one it has now); returns unwatch."""
+        entry = self.watched[name] = _Watch(install, installed.info.fingerprint)
+        if self._wake is None:
+            self._wake = asyncio.Event()
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_loop())
+        if self.due(name, installed):
+            self._wake.set()  # served while due (obtain): renew now, not in an hour
 
         def unwatch() -> None:
-            if self.watched.get(name) is install:
+            if self.watched.get(name) is entry:
                 del self.watched[name]
         return unwatch
 
     async def _watch_loop(self) -> None:
+        assert self._wake is not None
         while self.watched:
-            await asyncio.sleep(self.settings.check_interval)
-            for name, install in list(self.watched.items()):
-                stored = self.stored(name)
-                if stored is not None and not self.due(name, stored):
-                    continue
-                log.info("ACME: renewing the certificate for %s", name)
-                try:
-                    fresh = await asyncio.to_thread(self.order, name)
-                except AcmeFailure as exc:
-                    log.warning("ACME: renewing %s failed (will retry): %s", name, exc)
-                    record_event("certificate", event="failed", name=name)
-                    continue
-                if stored is not None and fresh.info.fingerprint == stored.info.fingerprint:
-                    continue  # nothing new: renewed within MIN_RENEW_INTERVAL already
-                if self.watched.get(name) is install:
-                    install(fresh)
-                    record_event("certificate", event="renewed", name=name)
-                    log.info("ACME: certificate for %s renewed (serial %x)", name,
-                             fresh.info.serial)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.check_interval)
+            self._wake.clear()
+            for name, entry in list(self.watched.items()):
+                await self._check(name, entry)
+
+    async def _check(self, name: str, entry: _Watch) -> None:
+        """Renew `name` if due; install what is stored if it is not what `entry` has. (An order
+        that outlived the tunnel's wait, or another route's renewal, may have stored a newer one:
+        comparing fingerprints, not "did I just order", is what gets it served.)"""
+        stored = self.stored(name)
+        if stored is None or self.due(name, stored):
+            log.info("ACME: renewing the certificate for %s", name)
+            try:
+                stored = await asyncio.to_thread(self.order, name)
+            except AcmeFailure as exc:
+                log.warning("ACME: renewing %s failed (will retry): %s", name, exc)
+                record_event("certificate", event="failed", name=name)
+                return
+        if stored.info.fingerprint == entry.fingerprint or self.watched.get(name) is not entry:
+            return
+        entry.install(stored)
+        entry.fingerprint = stored.info.fingerprint
+        record_event("certificate", event="renewed", name=name)
+        log.info("ACME: certificate for %s renewed (serial %x)", name, stored.info.serial)
 
     def stop(self) -> None:
         if self._watcher is not None:
