@@ -343,7 +343,7 @@ class Tunnel:
         """What the server says the route `remote` (as requested) is waiting for, if anything."""
         try:
             answer = await self.client.call("POST", "/healthcheck", {}, timeout=PROGRESS_EVERY)
-        except WeftError:
+        except (WeftError, ApiError):  # no progress to show; the route's own call decides
             return None
         progress = answer.get("progress") if isinstance(answer, dict) else None
         message = progress.get(remote) if isinstance(progress, dict) else None

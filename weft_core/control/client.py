@@ -56,7 +56,9 @@ class ControlClient:
         self.pinned: bytes | None = None
         self.token: str | None = None
         self.token_expires = 0.0
-        self._conn: _Connection | None = None
+        self._conn: _Connection | None = None  # one kept alive; concurrent calls open their own
+        self._login_lock = asyncio.Lock()  # concurrent calls (a health check asking for progress
+        # while a route opens) re-login once, not each on top of the other
 
     async def _connect(self) -> _Connection:
         """A new TLS connection (its certificate is checked by `_exchange`)."""
@@ -117,7 +119,8 @@ class ControlClient:
                         if reused:
                             continue  # the server closed the idle connection: once more, fresh
                         raise
-                    if response.headers.get("connection", "").lower() == "close":
+                    if response.headers.get("connection", "").lower() == "close" or \
+                            self._conn is not None:  # a concurrent call kept one already
                         conn.writer.close()
                     else:
                         self._conn = conn
@@ -145,6 +148,16 @@ class ControlClient:
         except ApiError:
             body = {}
         return status, body, conn.fingerprint
+
+    async def _login_once(self, refused: str | None) -> None:
+        """Log in, unless a concurrent call did meanwhile (the token is no longer `refused`, or
+        no longer due)."""
+        async with self._login_lock:
+            if refused is None and not self.token_due():
+                return
+            if refused is not None and self.token not in (None, refused):
+                return
+            await self.login()
 
     async def login(self) -> None:
         """Prove the secret both ways and get a token; pins the server's certificate.
@@ -187,10 +200,11 @@ class ControlClient:
         the server obtains over ACME first).
         """
         if self.token_due():
-            await self.login()
-        status, body, _ = await self._exchange(method, path, payload, self.token, timeout)
+            await self._login_once(None)
+        token = self.token
+        status, body, _ = await self._exchange(method, path, payload, token, timeout)
         if status == 401:
-            await self.login()
+            await self._login_once(token)
             status, body, _ = await self._exchange(method, path, payload, self.token, timeout)
         if not 200 <= status < 300:
             self._raise(status, body)
