@@ -409,6 +409,14 @@ class Server:
         self.pool.free(ipaddress.IPv4Address(record.address))
         log.info("tunnel %s: removed (%s); %s freed", record.name, reason, record.address)
 
+    def forget_ports(self, record: TunnelRecord) -> None:
+        """A tunnel that went silent keeps no claim on its ports for its name: only one that said
+        goodbye (stopped on purpose, to be restarted) gets them back under that name. Names are
+        not unique: another host's tunnel of the same name must not inherit the ports of one that
+        is merely cut off (it asks for them again by number when it comes back)."""
+        for key in [k for k in self._last_ports if k[2:4] == (record.realm, record.name)]:
+            del self._last_ports[key]
+
     async def close_route(self, record: TunnelRecord, route_id: str, drain: float = 0.0) -> None:
         route = record.routes.pop(route_id, None)
         if route is None:
@@ -423,15 +431,20 @@ class Server:
     async def _reap_loop(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
-            deadline = time.time() - self.settings.health_timeout
-            for record in self.registry.silent_since(deadline):
-                async with self.lock:
-                    # Checked again under the lock: it may have checked in while we waited.
-                    current = self.registry.get(record.id)
-                    if current is record and record.last_seen < deadline and not record.pending:
-                        await self.remove_tunnel(
-                            record.id, f"no health check for {self.settings.health_timeout:.0f}s"
-                        )
+            await self.reap_silent()
+
+    async def reap_silent(self) -> None:
+        """Remove the tunnels silent for longer than --health-timeout."""
+        deadline = time.time() - self.settings.health_timeout
+        for record in self.registry.silent_since(deadline):
+            async with self.lock:
+                # Checked again under the lock: it may have checked in while we waited.
+                current = self.registry.get(record.id)
+                if current is record and record.last_seen < deadline and not record.pending:
+                    await self.remove_tunnel(
+                        record.id, f"no health check for {self.settings.health_timeout:.0f}s"
+                    )
+                    self.forget_ports(record)
 
     # --- stop --------------------------------------------------------------------------------
 

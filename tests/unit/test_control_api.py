@@ -914,13 +914,20 @@ def test_healthcheck_carries_what_only_the_tunnel_sees_into_the_list(tmp_path: P
         assert status == 200  # a route closed meanwhile is no error
         [listed] = await listed_routes(h, token)
         assert listed["tunnel"] == {"failed": 3, "dropped": 7}
-        for bad in ({"routes": []}, {"routes": {body["id"]: {"failed": -1}}},
-                    {"routes": {body["id"]: {"failed": True}}},
-                    {"routes": {body["id"]: {"bytes_in": 5}}}):
-            status, answer = await h.call(request("POST", "/healthcheck", bad, token))
-            assert_error(status, answer, 400, "bad_request")
+        # What this server does not know, or cannot take, is left out: never a 400 (the tunnel
+        # would reconnect), and nothing already counted is lost.
+        for odd in ({"routes": []}, {"routes": {body["id"]: {"failed": -1}}},
+                    {"routes": {body["id"]: {"failed": True, "dropped": "many"}}},
+                    {"routes": {body["id"]: {"bytes_in": 5, "retries": 2}}},
+                    {"routes": {body["id"]: [1, 2]}}):
+            status, answer = await h.call(request("POST", "/healthcheck", odd, token))
+            assert status == 200, answer
         [listed] = await listed_routes(h, token)
-        assert listed["tunnel"] == {"failed": 3, "dropped": 7}  # nothing lost to bad input
+        assert listed["tunnel"] == {"failed": 3, "dropped": 7}
+        report = {"routes": {body["id"]: {"dropped": 9, "newer_counter": 1}}}
+        await h.call(request("POST", "/healthcheck", report, token))
+        [listed] = await listed_routes(h, token)
+        assert listed["tunnel"] == {"failed": 3, "dropped": 9}
 
     run(tmp_path, test)
 
@@ -978,5 +985,18 @@ def test_a_tunnel_restarted_under_its_name_gets_its_port_0_routes_ports_back(
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
             taken.bind(("127.0.0.1", first))
             assert await run_once("t-three", 3, "dns") != first
+
+        # A tunnel of that name that went silent (reaped, no goodbye) leaves no claim: names are
+        # not unique, and another host's "dns" must not inherit the ports of one merely cut off.
+        token = await h.login("t-five")
+        await h.connect(token, wg_key(5), name="dns")
+        status, body = await h.call(request("POST", "/routes", route, token))
+        assert status == 201, body
+        record = h.server.registry.get("t-five")
+        assert record is not None
+        record.last_seen = 0.0
+        await h.server.reap_silent()
+        assert h.server.registry.get("t-five") is None
+        assert not any(key[3] == "dns" for key in h.server._last_ports)
 
     run(tmp_path, test)
