@@ -118,7 +118,8 @@ def test_the_tunnel_side_forgets_before_the_server_side() -> None:
     # The tunnel's own smaller settings stay; larger ones follow the server.
     assert in_step(10.0, 500, 60.0, 10_000) == (10.0, 500)
     assert in_step(300.0, 50_000, 30.0, 1_000) == (28.0, 990)
-    # A short server timeout keeps a quarter as margin; a tiny cap stays at least 1.
+    # A short server timeout keeps a quarter as margin; a small cap is one under; 1 stays 1.
+    assert in_step(60.0, 10_000, 1.0, 50) == (0.75, 49)
     assert in_step(60.0, 10_000, 1.0, 1) == (0.75, 1)
     # Adopting twice changes nothing (a route re-published on the same forwarder).
     once = in_step(60.0, 10_000, 20.0, 300)

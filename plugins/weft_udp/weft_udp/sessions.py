@@ -35,13 +35,15 @@ def in_step(
 
     - idle: shorter than the server's by a margin that covers the sweepers' granularity (up to a
       second each) and a datagram still in flight: 2 s, or a quarter of a short timeout;
-    - cap: 1% under the server's, so when both LRU orders differ slightly (a reply lost between
-      them) the session the server evicts has already gone on the tunnel.
+    - cap: 1% under the server's (at least one session under it, a cap of 1 excepted), so when
+      both LRU orders differ slightly (a reply lost between them) the session the server evicts
+      has already gone on the tunnel.
 
     The tunnel's own settings still apply when they are smaller.
     """
     margin = min(2.0, server_idle / 4)
-    return min(own_idle, server_idle - margin), max(1, min(own_max, server_max - server_max // 100))
+    cap = max(1, server_max - max(1, server_max // 100))
+    return min(own_idle, server_idle - margin), min(own_max, cap)
 
 
 class _Entry(Generic[V]):
