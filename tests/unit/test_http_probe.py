@@ -178,5 +178,11 @@ def test_after_a_failed_fetch_the_server_says_whether_dns_points_elsewhere() -> 
     assert probe.dns_hint("app.example.test", "198.51.100.1", resolves_to("198.51.100.1"),
                           lambda address: False) is None
     assert probe.dns_hint("app.example.test", "10.0.0.5", resolves_to("127.0.0.1")) is None
+    # A cloud VM (private address, public one NATed): no telling the user to "fix" a right record.
+    nat = probe.dns_hint("app.example.test", "10.0.0.5", resolves_to("203.0.113.7"),
+                         lambda address: False)
+    assert nat is not None and nat.startswith(
+        "DNS for app.example.test points at 203.0.113.7, not an address of this host: if that "
+        "is this server's public address (NAT), port 80 there does not reach this host")
     assert probe.dns_hint("app.example.test", "198.51.100.1", no_such_name) == \
         "DNS for app.example.test does not resolve from this server either"

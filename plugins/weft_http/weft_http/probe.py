@@ -71,9 +71,29 @@ def dns_hint(
         return f"DNS for {domain} does not resolve from this server either"
     if not addresses or server_address in addresses or any(map(is_local, addresses)):
         return None
-    return (f"DNS for {domain} points at {', '.join(addresses)}, not at this server "
-            f"({server_address}): fix the record, or, if this server is behind NAT, forward port "
-            f"80 from there to it")
+    pointed = ", ".join(addresses)
+    if _is_private(server_address) and not any(map(_is_private, addresses)):
+        # A cloud VM: its own address is private, its public one is on no interface. Only the
+        # user can tell whether the record holds that public address.
+        return (f"DNS for {domain} points at {pointed}, not an address of this host: if that is "
+                f"this server's public address (NAT), port 80 there does not reach this host; "
+                f"otherwise fix the record")
+    return (f"DNS for {domain} points at {pointed}, not at this server ({server_address}): fix "
+            f"the record, or, if this server is behind NAT, forward port 80 from there to it")
+
+
+# Where hosts behind NAT live (RFC 1918, carrier-grade NAT, IPv6 ULA). Not `is_private`, which
+# also counts the documentation ranges that public examples (and the test lab) use.
+_NAT_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+
+
+def _is_private(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in _NAT_NETWORKS)
 
 
 def _fetch(address: str, port: int, domain: str, token: str, timeout: float) -> tuple[int, str]:
