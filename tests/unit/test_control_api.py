@@ -147,6 +147,16 @@ class Harness:
     async def connect(self, token: str, key: str, **extra: Any) -> tuple[int, Any]:
         return await self.call(request("POST", "/connect", {"public_key": key, **extra}, token))
 
+    async def publish_tcp(self) -> tuple[str, Any]:
+        """Tunnel t-one logged in, connected, with tcp://127.0.0.1:5432 published on port 0:
+        (its token, the route's answer)."""
+        token = await self.login("t-one")
+        await self.connect(token, wg_key(1))
+        route = {"local": "tcp://127.0.0.1:5432", "remote": "tcp://:0", "forwarder_port": 40000}
+        status, body = await self.call(request("POST", "/routes", route, token))
+        assert status == 201, body
+        return token, body
+
 
 def run(tmp_path: Path, test: Callable[[Harness], Awaitable[None]]) -> None:
     async def go() -> None:
@@ -663,11 +673,7 @@ def test_list_tunnels(tmp_path: Path) -> None:
 
 def test_publish_a_tcp_route_and_close_it(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
-        token = await h.login("t-one")
-        await h.connect(token, wg_key(1))
-        route = {"local": "tcp://127.0.0.1:5432", "remote": "tcp://:0", "forwarder_port": 40000}
-        status, body = await h.call(request("POST", "/routes", route, token))
-        assert status == 201, body
+        token, body = await h.publish_tcp()
         assert body["public_url"].startswith("tcp://127.0.0.1:")
         assert body["remote"] == body["public_url"]
         port = int(body["public_url"].rsplit(":", 1)[1])
@@ -902,11 +908,7 @@ async def listed_routes(h: Harness, token: str) -> list[dict[str, Any]]:
 
 def test_healthcheck_carries_what_only_the_tunnel_sees_into_the_list(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
-        token = await h.login("t-one")
-        await h.connect(token, wg_key(1))
-        route = {"local": "tcp://127.0.0.1:5432", "remote": "tcp://:0", "forwarder_port": 40000}
-        status, body = await h.call(request("POST", "/routes", route, token))
-        assert status == 201, body
+        token, body = await h.publish_tcp()
         [listed] = await listed_routes(h, token)
         assert listed["tunnel"] == {"failed": 0, "dropped": 0}
         report = {"routes": {body["id"]: {"failed": 3, "dropped": 7}, "r-gone": {"failed": 1}}}

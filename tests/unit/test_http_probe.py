@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,52 +96,49 @@ def test_no_answer_in_time_fails_with_a_fix(tmp_path: Path, held_port: socket.so
     assert not (tmp_path / "probe").exists()  # the token file is cleaned up
 
 
-def test_running_server_serves_the_token_from_the_state_dir(tmp_path: Path) -> None:
-    async def main() -> tuple[int, list[str]]:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            token = head.split(b" ")[1].decode().rsplit("/", 1)[1]
-            path = tmp_path / "probe" / token
-            body = path.read_bytes() if path.exists() else b"no"
-            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s"
-                         % (200 if path.exists() else 404, len(body), body))
-            await writer.drain()
-            writer.close()
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
+
+def probe_with_server(serve: Serve, state_dir: Path) -> tuple[int, str]:
+    """The probe against an HTTP server `serve` on loopback holding port 80 (the probe then
+    relies on a running weft server, through `state_dir`)."""
+    async def main() -> tuple[int, str]:
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         lines: list[str] = []
         async with server:
             code = await probe.probe(
-                NAME, state_dir=tmp_path, timeout=2.0, say=lines.append,
+                NAME, state_dir=state_dir, timeout=2.0, say=lines.append,
                 http_port=server.sockets[0].getsockname()[1], listen_host="127.0.0.1",
                 resolve=resolves_to("127.0.0.1"))
-        return code, lines
+        return code, "\n".join(lines)
 
-    code, lines = asyncio.run(main())
-    out = "\n".join(lines)
+    return asyncio.run(main())
+
+
+def test_running_server_serves_the_token_from_the_state_dir(tmp_path: Path) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        token = head.split(b" ")[1].decode().rsplit("/", 1)[1]
+        path = tmp_path / "probe" / token
+        body = path.read_bytes() if path.exists() else b"no"
+        writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s"
+                     % (200 if path.exists() else 404, len(body), body))
+        await writer.drain()
+        writer.close()
+
+    code, out = probe_with_server(serve, tmp_path)
     assert code == ExitCode.OK, out
     assert "HTTP  ok" in out and "running weft server" in out
 
 
 def test_an_answer_without_the_token_fails_with_a_fix(tmp_path: Path) -> None:
-    async def main() -> tuple[int, list[str]]:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-            writer.close()
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        lines: list[str] = []
-        async with server:
-            code = await probe.probe(
-                NAME, state_dir=tmp_path / "elsewhere", timeout=2.0, say=lines.append,
-                http_port=server.sockets[0].getsockname()[1], listen_host="127.0.0.1",
-                resolve=resolves_to("127.0.0.1"))
-        return code, lines
-
-    code, lines = asyncio.run(main())
-    out = "\n".join(lines)
+    code, out = probe_with_server(serve, tmp_path / "elsewhere")
     assert code == ExitCode.FAILURE, out
     assert "answered 404 without the token" in out and "--state-dir" in out
 
