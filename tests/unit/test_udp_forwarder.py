@@ -128,11 +128,11 @@ def test_each_peer_gets_its_own_session_and_replies() -> None:
 def test_target_down_drops_and_counts_then_recovers() -> None:
     async def main() -> None:
         port = free_udp_port()
-        fwd = forwarder((LO, port))
+        fwd = forwarder((LO, port))  # sweeps once a second: the count must not wait for one
         await fwd.start()
         sock = client()
         assert await exchange(sock, fwd.address, b"anyone?", timeout=0.3) is None
-        await until(lambda: fwd.counters.dropped >= 1)  # the ICMP port unreachable
+        await until(lambda: fwd.counters.dropped >= 1, timeout=0.5)  # the ICMP unreachable
         assert await exchange(sock, fwd.address, b"still?", timeout=0.3) is None
         transport, _ = await start_echo(port)
         assert await exchange(sock, fwd.address, b"back") == b"back"  # same session, no restart

@@ -10,19 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from asyncio_dgram import aio
 
 
-async def connected_stream(sock: socket.socket) -> aio.DatagramClient:
-    """An asyncio-dgram stream receiving the datagrams (and ICMP errors) of connected `sock`."""
+class _ReportingProtocol(aio.Protocol):  # type: ignore[misc]
+    """asyncio-dgram's protocol, but errors go to `on_error` as they come: asyncio-dgram queues
+    them for the next `recv()`, which for a target that no longer answers never comes, so they
+    could only be found by polling every stream."""
+
+    def __init__(self, recvq: Any, excq: Any, drained: Any,
+                 on_error: Callable[[Exception], None]) -> None:
+        super().__init__(recvq, excq, drained)
+        self._on_error = on_error
+
+    def error_received(self, exc: Exception) -> None:
+        self._on_error(exc)
+
+
+async def connected_stream(
+    sock: socket.socket, on_error: Callable[[Exception], None]
+) -> aio.DatagramClient:
+    """An asyncio-dgram stream receiving the datagrams of connected `sock`; its ICMP errors
+    (the target's port unreachable, ...) go to `on_error` at once."""
     loop = asyncio.get_running_loop()
     recvq: asyncio.Queue[tuple[bytes | None, Any]] = asyncio.Queue()
     excq: asyncio.Queue[Exception] = asyncio.Queue()
     drained = asyncio.Event()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: aio.Protocol(recvq, excq, drained), sock=sock
+        lambda: _ReportingProtocol(recvq, excq, drained, on_error), sock=sock
     )
     # (aio.pyi types the transport argument as a protocol: a typo in its stub)
     return aio.DatagramClient(transport, recvq, excq, drained)  # type: ignore[arg-type]

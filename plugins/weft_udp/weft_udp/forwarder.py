@@ -19,8 +19,8 @@ order, runs of same-size datagrams in one UDP GSO send (`gso_runs`, pure); under
 the socket is read on a short timer instead of on every datagram (`_on_readable`), which cuts the
 wake-ups that cost more than the datagrams themselves. Session sockets are asyncio-dgram streams
 (`dgram.connected_stream`), one small task each awaiting replies; an ICMP error from the target
-(port unreachable while the service is down, ...) surfaces as an exception from `recv()`, which
-counts one dropped datagram and the session carries on.
+(port unreachable while the service is down, ...) is reported by the stream as it arrives, counts
+one dropped datagram, and the session carries on.
 
 Sessions live in a sans-IO `SessionTable`: LRU-capped and expired after an idle timeout, so a
 flood of new source ports costs at most `max_sessions` sockets.
@@ -487,7 +487,7 @@ class UdpForwarder:
             with contextlib.suppress(OSError):
                 session.sock.close()
             return
-        stream = await connected_stream(session.sock)
+        stream = await connected_stream(session.sock, self._stream_error)
         session.stream = stream
         if session.closed:
             stream.close()
@@ -502,10 +502,6 @@ class UdpForwarder:
                 data, _ = await stream.recv()
             except asyncio_dgram.TransportClosed:
                 return
-            except OSError as exc:
-                # ICMP error for a datagram we sent (target down, unreachable): it is lost.
-                self._target_error(exc)
-                continue
             if self._target_failing:
                 self._target_answered()
             try:
@@ -530,7 +526,6 @@ class UdpForwarder:
         global _open_sessions
         _open_sessions -= 1
         if session.stream is not None:
-            self._collect_errors(session.stream)
             session.stream.close()  # the transport closes the socket
         elif not session.pumping:
             session.sock.close()  # the task never ran; it will see `closed` if it does
@@ -553,26 +548,18 @@ class UdpForwarder:
         self._sweeper = self._loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Expire idle sessions; count ICMP errors no reply has collected yet."""
+        """Expire idle sessions: O(expired), whatever the number of sessions."""
         assert self._loop is not None
         for _, session in self.sessions.expire(self._loop.time()):
             self._close_session(session, "idle timeout")
-        for key in self.sessions:
-            found = self.sessions.peek(key)
-            if found is not None and found.stream is not None:
-                self._collect_errors(found.stream)
         if not self._closed:
             self._schedule_sweep()
 
-    def _collect_errors(self, stream: asyncio_dgram.aio.DatagramStream) -> None:
-        """Count the errors asyncio-dgram holds for a stream (it raises them one per call)."""
-        while True:
-            try:
-                stream.exception  # noqa: B018 - raises the first unconsumed error, if any
-            except OSError as exc:
-                self._target_error(exc)
-                continue
-            return
+    def _stream_error(self, exc: Exception) -> None:
+        """A session socket's error, as it comes: an ICMP error for a datagram sent to the target
+        (port unreachable while the service is down, ...): that datagram is lost."""
+        if isinstance(exc, OSError):
+            self._target_error(exc)
 
     def _target_error(self, exc: OSError) -> None:
         """An ICMP error for a datagram we sent: that datagram is lost."""
