@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from weftlab import (
 pytestmark = pytest.mark.netns
 
 UDP_PEERS = str(Path(__file__).with_name("udp_peers.py"))
+BIG_TXT = [f"{i:02d}" + "x" * 248 for i in range(10)]  # ten 250-byte strings of one TXT record
 
 
 def udp_peer(host: Host, *args: object, timeout: float = 60.0) -> dict[str, Any]:
@@ -122,7 +124,8 @@ def test_real_dns_server_answers_a_real_dns_client_through_the_tunnel(lab: Lab) 
         [dnsmasq, "--keep-in-foreground", "--log-facility=-", "--conf-file=/dev/null",
          "--port=5353", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
          "--no-hosts", "--user=root", "--group=root", "--pid-file=",
-         "--address=/example.test/192.0.2.7", "--log-queries"],
+         "--address=/example.test/192.0.2.7", "--log-queries",
+         "--edns-packet-max=4096", "--txt-record=big.example.test," + ",".join(BIG_TXT)],
         name="dnsmasq",
     )
     dns.wait_for_line(r"started, version", timeout=10)
@@ -139,12 +142,15 @@ def test_real_dns_server_answers_a_real_dns_client_through_the_tunnel(lab: Lab) 
     )
     assert "status: NOERROR" in full and "192.0.2.7" in full
     dns.wait_for_line(r"query\[A\] www\.example\.test from 127\.0\.0\.1", timeout=5)
-    # A big answer over UDP (no TCP fallback through a udp:// route): EDNS0 with 4096 bytes.
+    # A big answer (2.5 KB: one datagram, two WireGuard fragments) over UDP, with EDNS0 and no
+    # TCP fallback (+ignore: a truncated answer stays truncated; a udp:// route has no TCP).
     txt = lab.visitor.check(
         ["dig", f"@{SERVER_IP}", "-p", "15353", "+time=2", "+tries=3", "+bufsize=4096",
-         "+ignore", "nothing.invalid", "A"]
+         "+ignore", "big.example.test", "TXT"]
     )
-    assert "status: REFUSED" in txt or "status: NXDOMAIN" in txt or "status: SERVFAIL" in txt
+    assert "status: NOERROR" in txt and " tc" not in txt.split("flags:")[1].split(";")[0], txt
+    assert [f'"{chunk}"' in txt for chunk in BIG_TXT] == [True] * len(BIG_TXT), txt
+    assert int(re.search(r"MSG SIZE\s+rcvd: (\d+)", txt).group(1)) > 2500  # type: ignore[union-attr]
 
 
 def test_500_concurrent_visitors_get_only_their_replies_and_idle_sessions_close(
