@@ -14,6 +14,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import logging
 import os
 import socket
 import time
@@ -1000,5 +1001,29 @@ def test_a_tunnel_restarted_under_its_name_gets_its_port_0_routes_ports_back(
         await h.server.reap_silent()
         assert h.server.registry.get("t-five") is None
         assert not any(key[3] == "dns" for key in h.server._last_ports)
+
+    run(tmp_path, test)
+
+
+def test_a_udp_tunnel_with_a_shorter_idle_timeout_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1), name="dns")
+        route = {"local": "udp://127.0.0.1:53", "remote": "udp://:0", "forwarder_port": 40000,
+                 "options": {"idle_timeout": 5.0}}
+        with caplog.at_level(logging.WARNING):
+            status, body = await h.call(request("POST", "/routes", route, token))
+        assert status == 201, body
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("tunnel dns: its --udp-idle-timeout (5s) is shorter than this server's (60s)"
+                   in w for w in warned), warned
+        caplog.clear()
+        route["options"] = {"idle_timeout": 60.0}
+        with caplog.at_level(logging.WARNING):
+            status, body = await h.call(request("POST", "/routes", route, token))
+        assert status == 201, body
+        assert not [r for r in caplog.records if "udp-idle-timeout" in r.getMessage()]
 
     run(tmp_path, test)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 
@@ -62,3 +63,21 @@ def test_a_udp_local_name_resolves_to_ipv4_first(monkeypatch: pytest.MonkeyPatch
         return await _resolve("localhost", 53)
 
     assert asyncio.run(main()) == ("127.0.0.1", 53)
+
+
+def test_udp_help_says_how_a_tunnel_follows_the_server_and_a_proxy_does_not() -> None:
+    from weft_core.cli import build_parser
+    from weft_core.plugins import load_plugins
+
+    parser, _ = build_parser(load_plugins())
+    helps = {}
+    for command in ("server", "tunnel", "proxy"):
+        sub = next(a for a in parser._subparsers._group_actions  # type: ignore[union-attr]
+                   if isinstance(a, argparse._SubParsersAction)).choices[command]
+        helps[command] = " ".join(sub.format_help().split())
+    assert "a tunnel follows the server's when that is shorter" in helps["tunnel"]
+    assert "stays 1% (at least one) under the server's" in helps["tunnel"]
+    for command in ("server", "proxy"):
+        assert "--udp-idle-timeout SECONDS" in helps[command]
+        assert "follows the server" not in helps[command]
+        assert "under the server's" not in helps[command]

@@ -73,6 +73,8 @@ def _milliseconds(text: str) -> float:
 
 
 def _add_options(parser: argparse.ArgumentParser, side: str) -> None:
+    if parser.prog.endswith(" proxy"):  # `weft proxy` shares the tunnel's options: no server
+        side = "proxy"
     group = parser.add_argument_group("udp:// routes (weft-udp)")
     group.add_argument(
         "--udp-idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT,
@@ -86,7 +88,7 @@ def _add_options(parser: argparse.ArgumentParser, side: str) -> None:
         "--udp-max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
         help=f"UDP sessions per route at most; the least recently used makes room "
         f"(default {DEFAULT_MAX_SESSIONS})"
-        + ("; a tunnel stays 1%% under the server's" if side == "tunnel" else ""),
+        + ("; a tunnel stays 1%% (at least one) under the server's" if side == "tunnel" else ""),
     )
     group.add_argument(
         "--udp-max-total-sessions", type=_positive_int, default=DEFAULT_MAX_TOTAL, metavar="N",
