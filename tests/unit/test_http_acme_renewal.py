@@ -439,3 +439,49 @@ def test_each_order_gets_a_client_of_its_own_on_the_shared_account(tmp_path: Pat
     assert one.net is not two.net and one.net.session is not two.net.session
     assert one.net.key is key and two.net.account is account
     assert one.directory is directory
+
+
+def test_one_names_failing_install_does_not_end_renewal_for_the_others(tmp_path: Path) -> None:
+    now = utcnow()
+    for name in ("a.example.test", "b.example.test"):
+        store_cert(tmp_path, name, now - 80 * DAY, now + 10 * DAY)  # both due
+    ca = FakeCA(tmp_path, settings(check_interval=0.05))
+    installed: list[str] = []
+
+    def broken(fresh: Stored) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def main() -> None:
+        for name, install in (("a.example.test", broken),
+                              ("b.example.test", lambda fresh: installed.append("b"))):
+            stored = ca.stored(name)
+            assert stored is not None
+            ca.watch(name, install, stored)
+        try:
+            async with asyncio.timeout(WAIT):
+                while not installed:
+                    await asyncio.sleep(0.01)
+        finally:
+            ca.stop()
+
+    asyncio.run(main())
+    assert installed == ["b"] and sorted(ca.orders) == ["a.example.test", "b.example.test"]
+
+
+def test_the_watcher_works_again_in_a_later_event_loop(tmp_path: Path) -> None:
+    """Managers are cached per state directory: a second loop (a test, an embedding program)
+    must get a watcher and an Event of its own, also when the first loop closed without
+    stopping it."""
+    now = utcnow()
+    store_cert(tmp_path, NAME, now - DAY, now + 89 * DAY)
+    ca = FakeCA(tmp_path, settings(check_interval=0.05))
+    first = ca.stored(NAME)
+    assert first is not None
+
+    async def watch_only() -> None:
+        ca.watch(NAME, lambda fresh: None, first)  # the loop then closes; nobody stops it
+        await asyncio.sleep(0.01)  # the watcher waits on its Event: now bound to this loop
+
+    asyncio.run(watch_only())
+    store_cert(tmp_path, NAME, now, now + 90 * DAY)  # a newer one, stored meanwhile
+    assert watched(ca, first, lambda installed: bool(installed))

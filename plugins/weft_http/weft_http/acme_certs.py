@@ -7,11 +7,12 @@ Layout under the server's state directory (folder 0700, files 0600):
     certs/NAME.pem          certificate chain + private key for NAME
     certs/NAME.json         {"directory": URL} the CA that issued it
 
-A stored certificate is reused after a restart (no new order) while it is outside the renewal
-window (the last third of its lifetime, see `renewal_window`); a watcher renews every managed name
-that enters the window, swapping the TLS context for new connections while open connections keep
-the old one. If renewing fails when a tunnel (re)connects, a stored certificate that is still
-valid is served and the watcher keeps trying.
+A stored certificate still valid for an hour or more is served at once when a tunnel (re)connects
+or the server restarts (no new order, no waiting for the CA); a watcher renews every name in use
+once it enters the renewal window (the last third of its lifetime, see `renewal_window`), at once
+for one served while already in it, and swaps in whatever newer certificate is stored for a name
+(the TLS context changes for new connections; open ones keep theirs). While the CA fails, the
+stored certificate stays in service and the watcher keeps trying.
 """
 
 from __future__ import annotations
@@ -155,7 +156,6 @@ def renewal_window(info: CertInfo, renew_before: datetime.timedelta | None) -> d
 
 
 @attrs.define
-@attrs.define
 class _Watch:
     install: Callable[[Stored], None]
     fingerprint: str  # of the certificate `install` last got
@@ -200,7 +200,7 @@ class AcmeManager:
             meta = json.loads(path.with_suffix(".json").read_text())
         except (OSError, ValueError):
             return None
-        if meta.get("directory") != self.settings.directory:
+        if not isinstance(meta, dict) or meta.get("directory") != self.settings.directory:
             return None
         certs, key = split_pem(data)
         if not certs or key is None:
@@ -426,10 +426,16 @@ class AcmeManager:
         """Keep `name`'s certificate fresh: renew it when due and hand `install` every newer
         certificate stored for it (`installed` is the one it has now); returns unwatch."""
         entry = self.watched[name] = _Watch(install, installed.info.fingerprint)
-        if self._wake is None:
+        loop = asyncio.get_running_loop()
+        # Managers are shared per state directory and settings; a task and an Event belong to
+        # one loop: a watcher of another (or a closed) loop is replaced, with its Event.
+        if self._watcher is None or self._watcher.done() or self._watcher.get_loop() is not loop:
+            if self._watcher is not None and not self._watcher.done() and \
+                    not self._watcher.get_loop().is_closed():
+                self._watcher.cancel()
             self._wake = asyncio.Event()
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_loop())
+            self._watcher = loop.create_task(self._watch_loop(self._wake))
+        assert self._wake is not None
         if self.due(name, installed):
             self._wake.set()  # served while due (obtain): renew now, not in an hour
 
@@ -438,14 +444,17 @@ class AcmeManager:
                 del self.watched[name]
         return unwatch
 
-    async def _watch_loop(self) -> None:
-        assert self._wake is not None
+    async def _watch_loop(self, wake: asyncio.Event) -> None:
         while self.watched:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.check_interval)
-            self._wake.clear()
+                await asyncio.wait_for(wake.wait(), self.settings.check_interval)
+            wake.clear()
             for name, entry in list(self.watched.items()):
-                await self._check(name, entry)
+                try:
+                    await self._check(name, entry)
+                except Exception:  # one name's trouble must not end renewal for every name
+                    log.exception("ACME: checking the certificate for %s failed; retrying at "
+                                  "the next check", name)
 
     async def _check(self, name: str, entry: _Watch) -> None:
         """Renew `name` if due; install what is stored if it is not what `entry` has. (An order
@@ -469,8 +478,10 @@ class AcmeManager:
 
     def stop(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
+            if not self._watcher.get_loop().is_closed():
+                self._watcher.cancel()
             self._watcher = None
+        self._wake = None
 
 
 _MANAGERS: dict[tuple[str, Any], AcmeManager] = {}
