@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from weft_core import HOST_NET, ApiError
-from weft_http import certs, vhost
+from weft_http import certs, h1, vhost
 
 
 def make_pair(names: list[str], days: int = 30, start_days: int = -1) -> tuple[bytes, bytes]:
@@ -283,5 +283,51 @@ def test_upgrade_becomes_a_raw_two_way_stream() -> None:
         writer.close()
         await route.close()
         server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_non_ascii_host_costs_no_idna_work_unless_a_name_here_is_internationalised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A visitor's non-ASCII Host is looked at (IDNA, ~0.3 ms for a long label) only when some
+    route name on the site is internationalised; then it routes, in its raw UTF-8 form too."""
+    calls: list[str] = []
+    real = h1.normalize_host
+
+    def counted(value: str) -> str | None:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(h1, "normalize_host", counted)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def ask(port: int, host: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        answer = await _read_response(reader)
+        writer.close()
+        return answer
+
+    async def scenario() -> None:
+        app, route, port = await _proxy_site(handler)
+        long_label = ("\u00e9" * 60 + "x.example").encode()
+        assert (await ask(port, long_label)).startswith(b"HTTP/1.1 404 ")
+        assert calls == []  # only ASCII names here: answered without looking
+        site = route.site
+        idn = vhost.VhostRoute(site, "xn--bcher-kva.example", "http", "t2", HOST_NET,
+                               route.target, lambda s: None)
+        site.add(idn)
+        assert (await ask(port, "bücher.example".encode())).startswith(b"HTTP/1.1 200 ")
+        assert (await ask(port, long_label)).startswith(b"HTTP/1.1 400 ")  # looked at: not a name
+        assert len(calls) == 2
+        await site.remove(idn)
+        await route.close()
+        app.close()
 
     asyncio.run(scenario())
