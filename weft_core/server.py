@@ -409,12 +409,14 @@ class Server:
         self.pool.free(ipaddress.IPv4Address(record.address))
         log.info("tunnel %s: removed (%s); %s freed", record.name, reason, record.address)
 
-    def forget_ports(self, record: TunnelRecord) -> None:
-        """A tunnel that went silent keeps no claim on its ports for its name: only one that said
-        goodbye (stopped on purpose, to be restarted) gets them back under that name. Names are
-        not unique: another host's tunnel of the same name must not inherit the ports of one that
-        is merely cut off (it asks for them again by number when it comes back)."""
-        for key in [k for k in self._last_ports if k[2:4] == (record.realm, record.name)]:
+    def forget_ports(self, record: TunnelRecord, ports: set[int | None]) -> None:
+        """A tunnel that went silent keeps no claim on `ports` (its public ports) for its name:
+        only one that said goodbye (stopped on purpose, to be restarted) gets them back under
+        that name. Names are not unique: another host's tunnel of the same name must not inherit
+        the ports of one that is merely cut off (it asks for them by number when it comes back).
+        Only these ports: a new process of the same name may hold others by now."""
+        for key in [k for k, port in self._last_ports.items()
+                    if k[2:4] == (record.realm, record.name) and port in ports]:
             del self._last_ports[key]
 
     async def close_route(self, record: TunnelRecord, route_id: str, drain: float = 0.0) -> None:
@@ -441,10 +443,11 @@ class Server:
                 # Checked again under the lock: it may have checked in while we waited.
                 current = self.registry.get(record.id)
                 if current is record and record.last_seen < deadline and not record.pending:
+                    ports = {r.published.remote.port for r in record.routes.values()}
                     await self.remove_tunnel(
                         record.id, f"no health check for {self.settings.health_timeout:.0f}s"
                     )
-                    self.forget_ports(record)
+                    self.forget_ports(record, ports)
 
     # --- stop --------------------------------------------------------------------------------
 

@@ -1002,6 +1002,18 @@ def test_a_tunnel_restarted_under_its_name_gets_its_port_0_routes_ports_back(
         assert h.server.registry.get("t-five") is None
         assert not any(key[3] == "dns" for key in h.server._last_ports)
 
+        # ... but only its own ports: a new "dns" process that holds another port meanwhile
+        # (the old one killed, the new one started before the reaper ran) keeps its claim.
+        old_token = await h.login("t-six")
+        await h.connect(old_token, wg_key(6), name="dns")
+        status, old = await h.call(request("POST", "/routes", route, old_token))
+        new_port = await run_once("t-seven", 7, "dns")  # a goodbye at the end of it
+        record = h.server.registry.get("t-six")
+        assert record is not None and new_port != int(old["public_url"].rsplit(":", 1)[1])
+        record.last_seen = 0.0
+        await h.server.reap_silent()
+        assert await run_once("t-eight", 8, "dns") == new_port
+
     run(tmp_path, test)
 
 

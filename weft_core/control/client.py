@@ -100,11 +100,13 @@ class ControlClient:
         request = render_request(method, path, self.server.address, payload, token)
         try:
             async with asyncio.timeout(timeout):
+                expected = self.pinned  # now: a concurrent login may clear it meanwhile
                 while True:
-                    reused = self._conn is not None
-                    conn = self._conn or await self._connect()
-                    self._conn = None
-                    if pinned and not hmac.compare_digest(conn.fingerprint, self.pinned or b""):
+                    conn, self._conn = self._conn, None  # taken before any await
+                    reused = conn is not None
+                    if conn is None:
+                        conn = await self._connect()
+                    if pinned and not hmac.compare_digest(conn.fingerprint, expected or b""):
                         conn.writer.close()
                         # Never send the token to a certificate the login did not prove.
                         raise ApiError(
