@@ -331,3 +331,22 @@ def test_a_non_ascii_host_costs_no_idna_work_unless_a_name_here_is_international
         app.close()
 
     asyncio.run(scenario())
+
+
+def test_a_site_with_no_route_yet_answers_requests() -> None:
+    """While its first https:// route waits for its certificate, a site has no route at all, and
+    the CA's challenge request must still be answered (an AttributeError here closed it)."""
+    async def scenario() -> None:
+        site = vhost.Site("127.0.0.1", HOST_NET, vhost.HttpLimits(http_port=0), None)
+        await site.ensure_http()
+        assert site.http_server is not None
+        port = site.http_server.sockets[0].getsockname()[1]
+        for host in (b"a.example", "bücher.example".encode()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /.well-known/acme-challenge/x HTTP/1.1\r\nHost: " + host +
+                         b"\r\n\r\n")
+            assert (await _read_response(reader)).startswith(b"HTTP/1.1 404 ")
+            writer.close()
+        await site.close()
+
+    asyncio.run(scenario())

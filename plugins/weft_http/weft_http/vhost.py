@@ -60,7 +60,6 @@ class VhostRoute:
         self.on_close = on_close
         self.counters = Counters()
         self.sessions: set[Session] = set()
-        self.idna = False  # some name here is internationalised (see _note_idna)
         self.closed = False
         self.on_closed: list[Callable[[], None]] = []
         self._idle = asyncio.Event()
@@ -111,6 +110,7 @@ class Site:
         self.http_server: asyncio.Server | None = None
         self.https_server: asyncio.Server | None = None
         self.sessions: set[Session] = set()
+        self.idna = False  # some name here is internationalised (see _note_idna)
         self._out: list[tuple[asyncio.Transport, bytes]] = []
         self._flushing: asyncio.Handle | None = None
 
