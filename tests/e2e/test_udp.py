@@ -210,11 +210,17 @@ def test_flood_of_new_sources_stays_under_the_cap_with_bounded_memory(lab: Lab) 
     tunnel = start_tunnel(lab, server.url(), "udp://127.0.0.1:7000", "udp://:17000", *cap)
     server_fds, tunnel_fds = open_fds(server.proc), open_fds(tunnel)
 
-    # Warm up well past the cap, then measure: the next 15,000 sources must cost no memory.
-    warm = udp_peer(lab.visitor, "flood", SERVER_IP, 17000, 5000, 1000, 10000)
+    # 20,000 source addresses: 20 IPs of the visitor host (added to its only interface; they go
+    # with its namespace) times 1,000 ports. Warm up well past the cap, then measure: the next
+    # 15,000 sources must cost no memory.
+    sources = [f"198.51.100.{200 + i}" for i in range(20)]
+    for address in sources:
+        lab.visitor.check(["ip", "addr", "add", f"{address}/24", "dev", "eth0"])
+    warm = udp_peer(lab.visitor, "flood", SERVER_IP, 17000, 5000, 1000, 20000, ",".join(sources))
     assert warm["sent"] == 5000 and warm["foreign"] == 0
     rss_server, rss_tunnel = rss_kib(server.proc), rss_kib(tunnel)
-    flood = udp_peer(lab.visitor, "flood", SERVER_IP, 17000, 15000, 1000, 15000, timeout=120)
+    flood = udp_peer(lab.visitor, "flood", SERVER_IP, 17000, 15000, 1000, 20250,
+                     ",".join(sources), timeout=120)
     assert flood["sent"] == 15000 and flood["foreign"] == 0, flood
     # Each chunk's visitors got their own echo although the previous chunk was being evicted.
     # (UDP may drop: 1,000 new visitors at once overrun wireguard-go's 208 KiB socket buffer now

@@ -4,7 +4,7 @@ Service (run in the tunnel host):  echo ADDR PORT        (prints "listening ADDR
 Visitors (print one JSON line):    order HOST PORT COUNT SIZE
                                    | sizes HOST PORT SIZE...
                                    | many HOST PORT SOCKETS ROUNDS
-                                   | flood HOST PORT TOTAL CHUNK FIRST_PORT
+                                   | flood HOST PORT TOTAL CHUNK FIRST_PORT [SOURCES]
                                    | probe HOST PORT TIMEOUT
 
 Every visitor payload starts with a tag naming its socket and sequence number, and the echo
@@ -164,18 +164,22 @@ def many(host: str, port: str, sockets: str, rounds: str) -> dict[str, object]:
             "received": sum(map(len, received)), "resent": resent}
 
 
-def flood(host: str, port: str, total: str, chunk: str, first_port: str) -> dict[str, object]:
-    """TOTAL new source ports, CHUNK at a time: each sends one datagram and waits for its echo."""
+def flood(host: str, port: str, total: str, chunk: str, first_port: str,
+          sources: str = "0.0.0.0") -> dict[str, object]:
+    """TOTAL new source addresses, CHUNK at a time: each sends one datagram and waits for its
+    echo. Source n is (SOURCES[n % len], FIRST_PORT + n // len): SOURCES, comma-separated, are
+    addresses of this host."""
     target = (host, int(port))
     sent = replied = foreign = 0
     base = int(first_port)
+    ips = sources.split(",")
     sel = selectors.DefaultSelector()
     for start in range(0, int(total), int(chunk)):
         socks = {}
         for n in range(start, min(start + int(chunk), int(total))):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                sock.bind(("0.0.0.0", base + n))
+                sock.bind((ips[n % len(ips)], base + n // len(ips)))
             except OSError:
                 sock.close()
                 continue
