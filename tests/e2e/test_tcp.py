@@ -40,20 +40,25 @@ def test_bytes_intact_both_ways_many_connections_and_half_close(lab: Lab) -> Non
     service(lab.tunnel, "echo", "127.0.0.1", 5432)
     service(lab.tunnel, "count", "127.0.0.1", 5433)
     service(lab.tunnel, "hello", "127.0.0.1", 5434, name="hello")
+    service(lab.tunnel, "echo", "127.0.0.1", 5435, name="echo2")
     tunnel = start_tunnel(
         lab,
         server.url(),
         "tcp://127.0.0.1:5432",
         PUBLIC,
         "tcp://127.0.0.1:5433",
-        "tcp://:15433",
+        "tcp://:0",
         "tcp://127.0.0.1:5434",
         f"tcp://{SERVER_IP}:0",
+        "tcp://127.0.0.1:5435",
+        "tcp://:0",  # a second service on "any port": its own route, not a replacement
     )
     urls = ready_urls(tunnel)
-    assert urls[:2] == [PUBLIC, f"tcp://{SERVER_IP}:15433"]
-    chosen = int(urls[2].rsplit(":", 1)[1])
+    assert urls[0] == PUBLIC
+    count_port, chosen, echo2_port = (int(u.rsplit(":", 1)[1]) for u in urls[1:])
     assert 1024 <= chosen <= 65535 and chosen not in (9092, 9093)
+    assert len({count_port, chosen, echo2_port}) == 3
+    assert peer(lab.visitor, "stream", SERVER_IP, echo2_port, 100_000)["intact"] is True
 
     # Several MB each way, checked end to end.
     big = peer(lab.visitor, "stream", SERVER_IP, 15432, 8_000_000)
@@ -64,7 +69,7 @@ def test_bytes_intact_both_ways_many_connections_and_half_close(lab: Lab) -> Non
     assert crowd["ok"] == 200, crowd
 
     # Half-close from the visitor: it stops sending and still gets the answer.
-    assert peer(lab.visitor, "halfclose", SERVER_IP, 15433) == {"answer_ok": True}
+    assert peer(lab.visitor, "halfclose", SERVER_IP, count_port) == {"answer_ok": True}
 
     # Half-close from the service: the visitor reads EOF and can still send.
     assert peer(lab.visitor, "serverclose", SERVER_IP, chosen) == {"greeting": "hello\n"}

@@ -712,6 +712,23 @@ def test_republishing_the_same_remote_reclaims_the_port(tmp_path: Path) -> None:
     run(tmp_path, test)
 
 
+def test_two_services_of_one_tunnel_on_any_port_are_two_routes(tmp_path: Path) -> None:
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1))
+        published = {}
+        for local in ("tcp://127.0.0.1:5432", "tcp://127.0.0.1:6379", "tcp://127.0.0.1:5432"):
+            route = {"local": local, "remote": "tcp://:0", "forwarder_port": 40000}
+            status, body = await h.call(request("POST", "/routes", route, token))
+            assert status == 201, body
+            published[local] = body["id"]  # the third replaces the first: the same service
+        record = h.server.registry.get("t-one")
+        assert record is not None and sorted(record.routes) == sorted(published.values())
+        await h.call(request("DELETE", "/connect", None, token))
+
+    run(tmp_path, test)
+
+
 @pytest.mark.parametrize(
     ("remote", "status", "code", "needle"),
     [

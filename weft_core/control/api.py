@@ -353,10 +353,13 @@ class ControlApi:
         async with server.lock:
             record = self._tunnel(claims)
             # Reclaim: the same tunnel publishing the same remote again replaces its old route.
+            # "Any port" (port 0) is the same remote only for the same local service: two
+            # services of one tunnel on `tcp://:0` are two routes, not one replacing the other.
             for route_id, old in list(record.routes.items()):
-                if old.route.remote == route.remote or (
-                    route.remote.port and old.published.remote == route.remote
-                ):
+                same = old.route.remote == route.remote and (
+                    route.remote.port != 0 or old.route.local == route.local
+                )
+                if same or (route.remote.port and old.published.remote == route.remote):
                     await server.close_route(record, route_id)
             record.pending += 1  # busy, not silent: the reaper leaves it alone meanwhile
         # Opening may take long (an ACME order): never hold the lock for other tunnels meanwhile.
