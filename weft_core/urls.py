@@ -40,7 +40,7 @@ def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
         host, port_text = text.split(":", 1)
     else:
         host, port_text = text, None
-    if host and not _is_ip(host):
+    if host and not is_ip_address(host):
         try:
             host = ascii_host_name(host)
         except HostNameError as exc:
@@ -54,7 +54,8 @@ def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
     return host, int(port_text)
 
 
-def _is_ip(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
+    """True for an IPv4 or IPv6 address written as such (not a DNS name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -109,8 +110,10 @@ def readable_url(url: str) -> str:
     """
     if "xn--" not in url.lower():
         return url
-    host = url.split("://", 1)[-1].split("/", 1)[0]
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    try:
+        host = parse_route_url(url).host
+    except UsageError:
+        return url
     import idna  # see ascii_host_name
 
     try:

@@ -27,6 +27,7 @@ from weft_core import (
     UsageError,
     hookimpl,
 )
+from weft_core.urls import is_ip_address
 
 from . import h1, vhost
 from .certs import CertificateError, check_pair, load_secret_files, server_context
@@ -98,7 +99,7 @@ class HttpProtocol:
         if not local.host:
             local = local.with_host("127.0.0.1")
         name = h1.normalize_host(remote.host) if remote.host else None
-        if name is None or _is_ip(name):
+        if name is None or is_ip_address(name):
             raise UsageError(f"remote URL {remote} needs a DNS name, like "
                              f"{self.scheme}://app.example.com")
         if remote.path:
@@ -139,7 +140,7 @@ class HttpProtocol:
     def _name_and_site(self, route: Route, ctx: ServerContext) -> tuple[str, vhost.Site]:
         limits = _limits(ctx.options)
         name = h1.normalize_host(route.remote.host)
-        if name is None or _is_ip(name):
+        if name is None or is_ip_address(name):
             raise ApiError(400, "bad_name", f"{route.remote}: the remote host must be a DNS name")
         wanted = limits.https_port if self.scheme == "https" else limits.http_port
         if route.remote.port not in (None, wanted):
@@ -269,16 +270,6 @@ class HttpsProtocol(HttpProtocol):
 
         unwatch = manager.watch(name, install, stored)
         return server_context(stored.chain, stored.key), unwatch
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- hooks ---------------------------------------------------------------------------------------

@@ -252,9 +252,7 @@ class AcmeManager:
             private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             jwk = jose.JWKRSA(key=private)
             write_private(key_path, jwk.json_dumps().encode())
-        verify: bool | str = self.settings.ca_bundle or True
-        net = client.ClientNetwork(jwk, user_agent="weft-http", timeout=NETWORK_TIMEOUT,
-                                   verify_ssl=verify)  # type: ignore[arg-type]  # a path works
+        net = self._network(jwk)
         directory = client.ClientV2.get_directory(self.settings.directory, net)
         acme = client.ClientV2(directory, net)
         account_path = self.state_dir / "acme" / "account.json"
@@ -346,10 +344,14 @@ class AcmeManager:
         orders of different names run side by side in threads, and a shared client's nonce pool
         and HTTP session are not thread-safe (two threads could pop the same nonce)."""
         shared = self._account()
-        net = client.ClientNetwork(shared.net.key, account=shared.net.account,
-                                   user_agent="weft-http", timeout=NETWORK_TIMEOUT,
-                                   verify_ssl=self.settings.ca_bundle or True)  # type: ignore[arg-type]
-        return client.ClientV2(shared.directory, net)
+        return client.ClientV2(shared.directory, self._network(shared.net.key, shared.net.account))
+
+    def _network(self, key: jose.JWK | None,
+                 account: messages.RegistrationResource | None = None) -> client.ClientNetwork:
+        """An HTTP connection to the CA, signing with `key` (as `account` once there is one)."""
+        verify: bool | str = self.settings.ca_bundle or True  # a CA bundle's path works too
+        return client.ClientNetwork(key, account=account, user_agent="weft-http",
+                                    timeout=NETWORK_TIMEOUT, verify_ssl=verify)  # type: ignore[arg-type]
 
     def _order(self, name: str, deadline: float) -> Stored:
         acme = self._order_client()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from weft_core import ExitCode, default_state_dir
-from weft_core.urls import HostNameError, ascii_host_name
+from weft_core.urls import HostNameError, ascii_host_name, is_ip_address
 
 from . import h1
 
@@ -151,7 +151,7 @@ async def probe(
     if domain_text.strip().rstrip(".").lower() != domain:
         say(f"probe: {domain_text.strip()} is {domain} in DNS")
     name = h1.normalize_host(domain)  # the name exactly as the virtual hosts will match it
-    if name is None or _is_ip(name):
+    if name is None or is_ip_address(name):
         say(f"weft probe: {domain_text!r} is not a DNS name, like app.example.com")
         return ExitCode.USAGE
     domain = name
@@ -177,14 +177,6 @@ async def probe(
     ok = all(fetched)
     say("probe: ready for ACME HTTP-01" if ok else "probe: fix the problems above first")
     return ExitCode.OK if ok else ExitCode.FAILURE
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _report_dns(domain: str, addresses: list[str], local: set[str], port: int, say: Say) -> None:

@@ -119,10 +119,7 @@ class SessionTable(Generic[K, V]):
         old = self._entries.pop(key, None)
         if old is not None:
             evicted.append((key, old.value))
-        while len(self._entries) >= self.max_sessions:
-            lru_key, lru = self._entries.popitem(last=False)
-            evicted.append((lru_key, lru.value))
-            self.evicted += 1
+        evicted += self._evict_down_to(self.max_sessions - 1)  # room for this one
         self._entries[key] = _Entry(value, now)
         return evicted
 
@@ -130,8 +127,12 @@ class SessionTable(Generic[K, V]):
         """Change the limits; return the sessions evicted (least recently used first) to fit."""
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
+        return self._evict_down_to(max_sessions)
+
+    def _evict_down_to(self, count: int) -> list[tuple[K, V]]:
+        """Evict the least recently used until at most `count` remain; return them."""
         evicted: list[tuple[K, V]] = []
-        while len(self._entries) > max_sessions:
+        while len(self._entries) > max(0, count):
             lru_key, lru = self._entries.popitem(last=False)
             evicted.append((lru_key, lru.value))
             self.evicted += 1
