@@ -6,7 +6,8 @@ Builds a namespace lab (tests/netns.py), runs nginx as the local web app on the 
 (1 KiB and 64 MiB static files), publishes it through `weft tunnel ... http://bench.example.test`,
 and starts a second nginx on the server host that proxies to the tunnel's forwarder on its
 WireGuard address (the same WireGuard link and tunnel-side forwarder; only the server-side HTTP
-proxy differs). wrk on the visitor host measures requests per second and latency for 1 KiB
+proxy differs), configured for the job Weft does per request: routing by Host and the same
+forwarding headers. wrk on the visitor host measures requests per second and latency for 1 KiB
 responses through both, alternating in rounds (weft then nginx, then nginx then weft, ...) so a
 load that comes and goes on a shared machine hits both alike, and reports the medians; curl
 measures large-download throughput through both and straight over WireGuard from the server host.
@@ -51,16 +52,27 @@ APP_SERVER = """
     server {{ listen 127.0.0.1:8080; root {root}; }}
 """
 
+# The same job Weft's virtual host does per request: route by Host (an unknown name gets a
+# 404), pass the Host header on as sent, and replace the visitor's forwarding headers with the
+# four Weft adds (X-Forwarded-For/-Proto/-Host and RFC 7239 Forwarded).
 PROXY_SERVER = """
     upstream tunnel {{ server {target}; keepalive 128; }}
     server {{
+        listen {ip}:{port} default_server;
+        return 404;
+    }}
+    server {{
         listen {ip}:{port};
+        server_name {name};
         location / {{
             proxy_pass http://tunnel;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host $host;
+            proxy_set_header Host $http_host;
             proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header Forwarded "for=$remote_addr;host=$http_host;proto=$scheme";
             proxy_buffering off;
         }}
     }}
@@ -127,7 +139,8 @@ def main() -> int:
             start_tunnel(lab, server.url(), "http://127.0.0.1:8080", f"http://{NAME}")
             (wg_addr, fwd_port), = wireguard_listeners(lab.tunnel)
             nginx(lab.server, work / "proxy", PROXY_SERVER.format(
-                target=f"{wg_addr}:{fwd_port}", ip=SERVER_IP, port=BASELINE_PORT), "nginx-proxy")
+                target=f"{wg_addr}:{fwd_port}", ip=SERVER_IP, port=BASELINE_PORT, name=NAME),
+                "nginx-proxy")
             wait_tcp_port(lab.visitor, SERVER_IP, BASELINE_PORT)
 
             weft_url = f"http://{SERVER_IP}/1k"

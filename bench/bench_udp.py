@@ -1,20 +1,28 @@
 """UDP through Weft against bare WireGuard between the same namespaces, in the same run.
 
-    sudo /opt/weft-venv/bin/python bench/bench_udp.py [--seconds 5] [--json]
+    sudo /opt/weft-venv/bin/python bench/bench_udp.py [--seconds 4] [--rounds 2] [--json]
     /opt/weft-venv/bin/python bench/bench_udp.py --cpu [--count 300000] [--size 1400]
 
-Builds its own namespace lab (tests/netns.py) and measures with iperf3 -u:
+Builds its own namespace lab (tests/netns.py) and measures with iperf3 -u over three paths to
+the tunnel host, all set up at once and measured in turns (rate by rate, the order reversed every
+other round):
 
-- bare:  a wireguard-go pair between the server host and the tunnel host (tests/e2e/wg_node.py),
-         iperf3 client on the server host, iperf3 server on the tunnel host's WireGuard address;
-- weft:  `weft server` and `weft tunnel` (a udp:// route for the data, a tcp:// route for
-         iperf3's control connection), iperf3 client on the visitor host, server on the tunnel
-         host's loopback.
+- weft:      `weft server` and `weft tunnel` (a udp:// route for the data, a tcp:// route for
+             iperf3's control connection): iperf3 client on the visitor host, server on the
+             tunnel host's loopback;
+- forwarded: the goal's baseline, bare WireGuard between the same hosts as Weft's path: a
+             wireguard-go pair between the server host and the tunnel host
+             (tests/e2e/wg_node.py), and the server's kernel forwarding a public port into it
+             (nftables DNAT + masquerade, what one would build by hand without Weft); iperf3
+             client on the visitor host, server on the tunnel host's WireGuard address;
+- bare:      the same wireguard-go pair with iperf3's client on the server host itself: no
+             visitor and no forwarding, the floor of what any way of publishing a port costs.
 
 Two figures each: throughput with 1,400-byte datagrams (what arrived, in Mbit/s) and packets per
 second with 64-byte datagrams. Each is measured at a few offered rates and the best delivery is
 kept (UDP has no flow control: offering far more than a path carries only burns the CPU it
-shares). Prints figures and ratios, and JSON with --json. Never asserts a timing.
+shares), then the median over rounds. Prints figures and ratios (Weft against both baselines),
+and JSON with --json. Never asserts a timing.
 
 `--cpu` (no root, loopback only) measures what the forwarder itself costs: a `UdpForwarder` in its
 own process relays COUNT datagrams from a blaster (this process) to a sink (another process), and
@@ -50,9 +58,16 @@ BARE_SERVER, BARE_TUNNEL = "10.9.0.1", "10.9.0.2"
 BARE_WG_PORT = 9193
 IPERF_PORT = 5201
 PUBLIC_PORT = 15201
+FORWARD_PORT = 15202  # the server's kernel forwards it into bare WireGuard (forward_port)
+# weft: visitor -> Weft -> tunnel host; forwarded: visitor -> the server's kernel -> bare
+# WireGuard -> tunnel host (the baseline of the goal: the same hosts, the hand-built way);
+# bare: the server host itself -> bare WireGuard -> tunnel host (no visitor hop at all).
+PATHS = ("weft", "forwarded", "bare")
 
 # Offered rates (iperf3 -b); 0 means as fast as the sender can go.
-THROUGHPUT_RATES = ("100M", "200M", "300M", "450M")
+# The rates around where the paths saturate on a 2-core machine (150-250 Mbit/s) are closer
+# together: past it, every path delivers less (the CPU the senders burn is taken from WireGuard).
+THROUGHPUT_RATES = ("100M", "150M", "200M", "250M", "300M", "450M")
 PPS_RATES = ("5M", "10M", "15M", "25M")  # 15M is 29k packets/s: both paths reached it
 
 
@@ -95,44 +110,31 @@ def iperf(
     }
 
 
-def best(client: Host, host: str, port: int, seconds: float, length: int,
-         rates: tuple[str, ...], key: str, pids: dict[str, int] | None = None) -> dict[str, Any]:
-    """The best of iperf3 runs at `rates`; with `pids`, each run's CPU per datagram in those."""
-    runs: dict[str, Any] = {}
-    for rate in rates:
-        # An overloaded run can fail once ("unable to read from stream socket"): run it again,
-        # and if it fails twice keep the other rates' figures.
-        for attempt in (1, 2):
-            before = {name: _cpu(pid) for name, pid in (pids or {}).items()}
-            try:
-                runs[rate] = iperf(client, host, port, seconds, length, rate)
-                break
-            except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
-                runs[rate] = {"error": str(exc), "attempts": attempt}
-        if "error" not in runs[rate]:
-            packets = max(1, runs[rate]["packets"])
-            for name, pid in (pids or {}).items():
-                after = _cpu(pid)
-                user = (after[0] - before[name][0]) * 1e6 / packets
-                system = (after[1] - before[name][1]) * 1e6 / packets
-                runs[rate][f"{name}_cpu_us"] = round(user + system, 2)
-                runs[rate][f"{name}_user_sys_us"] = (round(user, 2), round(system, 2))
-                runs[rate][f"{name}_per_wakeup"] = round(
-                    packets / max(1, after[2] - before[name][2]), 1)
-        print(f"  {host}:{port} {length} B at {rate}: {runs[rate]}", file=sys.stderr)
-    good = {r: f for r, f in runs.items() if "error" not in f}
-    if not good:
-        raise RuntimeError(f"every iperf3 run failed: {runs}")
-    rate, figures = max(good.items(), key=lambda item: item[1][key])
-    return {**figures, "rate": rate, "runs": runs}
-
-
-def best_or_error(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """`best`, or {"error": ...} when every run failed: the other figures are still reported."""
-    try:
-        return best(*args, **kwargs)
-    except RuntimeError as exc:
-        return {"error": str(exc)}
+def run_once(client: Host, host: str, port: int, seconds: float, length: int, rate: str,
+             pids: dict[str, int] | None) -> dict[str, Any]:
+    """One iperf3 run; with `pids`, the CPU each of those processes spent per datagram that
+    arrived. An overloaded run can fail once ("unable to read from stream socket"): it is run
+    again, and a second failure is kept as {"error": ...} (the other rates still count)."""
+    figures: dict[str, Any] = {}
+    for attempt in (1, 2):
+        before = {name: _cpu(pid) for name, pid in (pids or {}).items()}
+        try:
+            figures = iperf(client, host, port, seconds, length, rate)
+            break
+        except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+            figures = {"error": str(exc), "attempts": attempt}
+    if "error" not in figures:
+        packets = max(1, figures["packets"])
+        for name, pid in (pids or {}).items():
+            after = _cpu(pid)
+            user = (after[0] - before[name][0]) * 1e6 / packets
+            system = (after[1] - before[name][1]) * 1e6 / packets
+            figures[f"{name}_cpu_us"] = round(user + system, 2)
+            figures[f"{name}_user_sys_us"] = (round(user, 2), round(system, 2))
+            figures[f"{name}_per_wakeup"] = round(
+                packets / max(1, after[2] - before[name][2]), 1)
+    print(f"  {host}:{port} {length} B at {rate}: {figures}", file=sys.stderr)
+    return figures
 
 
 # --- loopback CPU micro-bench (--cpu) -------------------------------------------------------
@@ -277,6 +279,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per iperf3 run (default 4)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds over every rate and path; medians are reported (default 2)")
     parser.add_argument("--cpu", action="store_true",
                         help="loopback micro-bench: forwarder CPU per datagram (no root)")
     parser.add_argument("--count", type=int, default=300_000, help="--cpu: datagrams")
@@ -319,73 +323,154 @@ def main() -> int:
         print("bench_udp.py needs root (network namespaces)", file=sys.stderr)
         return 2
 
-    results: dict[str, Any] = {"loadavg_before": os.getloadavg()}
+    results: dict[str, Any] = {"loadavg_before": os.getloadavg(), "rounds": args.rounds,
+                               "seconds": args.seconds}
     with Lab() as lab:
-        # Bare WireGuard between the server host and the tunnel host.
+        # Everything is set up first and stays up: the paths are measured in turns, rate by
+        # rate, so a load that comes and goes on a shared machine hits all of them alike.
         nodes = bare_wireguard(lab)
         try:
             lab.tunnel.popen(["iperf3", "-s", "-B", BARE_TUNNEL, "-p", str(IPERF_PORT)],
                              name="iperf3-bare")
             wait_tcp_port(lab.server, BARE_TUNNEL, IPERF_PORT)
-            results["bare"] = {
-                "throughput": best(lab.server, BARE_TUNNEL, IPERF_PORT, args.seconds, 1400,
-                                   THROUGHPUT_RATES, "mbit_s"),
-                "small": best_or_error(lab.server, BARE_TUNNEL, IPERF_PORT, args.seconds, 64,
-                                       PPS_RATES, "pps"),
+            forward_port(lab)
+            flags = [] if args.coalesce_ms is None else ["--udp-coalesce-ms", str(args.coalesce_ms)]
+            server = start_server(lab, "--allow-ports", "1024-65535", *flags)
+            lab.tunnel.popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)],
+                             name="iperf3-weft")
+            tunnel = start_tunnel(
+                lab, server.url(),
+                f"tcp://127.0.0.1:{IPERF_PORT}", f"tcp://:{PUBLIC_PORT}",  # iperf3's control
+                f"udp://127.0.0.1:{IPERF_PORT}", f"udp://:{PUBLIC_PORT}",  # the measured data
+                *flags,
+            )
+            # No probe connection to Weft's port: iperf3 -s would take it for a test and reset
+            # the next one.
+            wait_tcp_port(lab.visitor, SERVER_IP, FORWARD_PORT)
+            targets = {
+                "weft": (lab.visitor, SERVER_IP, PUBLIC_PORT,
+                         {"server": server.proc.pid, "tunnel": tunnel.pid}),
+                "forwarded": (lab.visitor, SERVER_IP, FORWARD_PORT, None),
+                "bare": (lab.server, BARE_TUNNEL, IPERF_PORT, None),
             }
+            for kind, length, rates, key in (("throughput", 1400, THROUGHPUT_RATES, "mbit_s"),
+                                              ("small", 64, PPS_RATES, "pps")):
+                rounds = [measure_round(targets, args.seconds, length, rates, key, i)
+                          for i in range(args.rounds)]
+                for path in PATHS:
+                    results.setdefault(path, {})[kind] = median_of_rounds(
+                        [r[path] for r in rounds], key)
         finally:
             for node in nodes:
                 node.stop()
 
-        # Weft: visitor -> server -> WireGuard -> tunnel -> iperf3 on loopback.
-        flags = [] if args.coalesce_ms is None else ["--udp-coalesce-ms", str(args.coalesce_ms)]
-        server = start_server(lab, "--allow-ports", "1024-65535", *flags)
-        lab.tunnel.popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)],
-                         name="iperf3-weft")
-        tunnel = start_tunnel(
-            lab, server.url(),
-            f"tcp://127.0.0.1:{IPERF_PORT}", f"tcp://:{PUBLIC_PORT}",  # iperf3's control
-            f"udp://127.0.0.1:{IPERF_PORT}", f"udp://:{PUBLIC_PORT}",  # the measured data
-            *flags,
-        )
-        # No probe connection here: iperf3 -s would take it for a test and reset the next one.
-        pids = {"server": server.proc.pid, "tunnel": tunnel.pid}  # CPU per datagram in each
-        results["weft"] = {
-            "throughput": best(lab.visitor, SERVER_IP, PUBLIC_PORT, args.seconds, 1400,
-                               THROUGHPUT_RATES, "mbit_s", pids),
-            "small": best_or_error(lab.visitor, SERVER_IP, PUBLIC_PORT, args.seconds, 64,
-                                   PPS_RATES, "pps", pids),
-        }
-
     results["loadavg_after"] = os.getloadavg()
-    bare, weft = results["bare"], results["weft"]
-    results["ratios"] = {
-        "throughput": weft["throughput"]["mbit_s"] / bare["throughput"]["mbit_s"],
-        "small_pps": (weft["small"]["pps"] / bare["small"]["pps"]
-                      if "pps" in weft["small"] and "pps" in bare["small"] else None),
-    }
+    results["ratios"] = ratios(results)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"UDP, {args.seconds:g} s per run, best of offered rates (iperf3 -u)")
-    print(f"{'':28} {'bare WireGuard':>16} {'through Weft':>16} {'ratio':>8}")
-    print(f"{'throughput, 1400 B (Mbit/s)':28} {bare['throughput']['mbit_s']:>16.0f} "
-          f"{weft['throughput']['mbit_s']:>16.0f} {results['ratios']['throughput']:>8.0%}")
-    if results["ratios"]["small_pps"] is not None:
-        print(f"{'small, 64 B (packets/s)':28} {bare['small']['pps']:>16.0f} "
-              f"{weft['small']['pps']:>16.0f} {results['ratios']['small_pps']:>8.0%}")
-    else:
-        print(f"{'small, 64 B (packets/s)':28} every run failed: see the JSON")
-    print(f"{'  loss at best rate':28} {bare['throughput']['lost_percent']:>15.1f}% "
-          f"{weft['throughput']['lost_percent']:>15.1f}%")
-    top = weft["throughput"]
+    print_table(results, args)
+    print(json.dumps(results))
+    return 0
+
+
+def forward_port(lab: Lab) -> None:
+    """The hand-built way to publish the tunnel host's port over bare WireGuard: the server's
+    kernel forwards its public FORWARD_PORT (UDP, and TCP for iperf3's control connection) into
+    the WireGuard link (DNAT), masquerading as its WireGuard address (the tunnel's peer only
+    accepts that source). Lives in the lab's server namespace and goes with it."""
+    lab.server.check(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    dnat = f"dnat to {BARE_TUNNEL}:{IPERF_PORT}"
+    lab.server.check(["nft", "-f", "-"], input=(
+        "table ip weft_bench_forward {\n"
+        "  chain pre {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        f"    ip daddr {SERVER_IP} udp dport {FORWARD_PORT} {dnat}\n"
+        f"    ip daddr {SERVER_IP} tcp dport {FORWARD_PORT} {dnat}\n"
+        "  }\n"
+        "  chain post {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f"    ip daddr {BARE_TUNNEL} masquerade\n"
+        "  }\n"
+        "}\n"))
+
+
+def measure_round(targets: dict[str, Any], seconds: float, length: int, rates: tuple[str, ...],
+                  key: str, index: int) -> dict[str, dict[str, Any]]:
+    """One round: every offered rate through every path, the paths in turn at each rate (their
+    order reversed every other round); each path's best delivery over the rates."""
+    order = list(PATHS) if index % 2 == 0 else list(reversed(PATHS))
+    runs: dict[str, dict[str, Any]] = {path: {} for path in PATHS}
+    for rate in rates:
+        for path in order:
+            client, host, port, pids = targets[path]
+            runs[path][rate] = run_once(client, host, port, seconds, length, rate, pids)
+    best: dict[str, dict[str, Any]] = {}
+    for path in PATHS:
+        good = {r: f for r, f in runs[path].items() if "error" not in f}
+        if not good:
+            best[path] = {"error": f"every iperf3 run failed: {runs[path]}"}
+            continue
+        rate, figures = max(good.items(), key=lambda item: item[1][key])
+        best[path] = {**figures, "rate": rate, "runs": runs[path]}
+    return best
+
+
+def median_of_rounds(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round whose best is the median (the lower middle of an even count), with every
+    round's best figure beside it."""
+    good = sorted((r for r in rounds if "error" not in r), key=lambda r: r[key])
+    if not good:
+        return {"error": rounds[0]["error"]}
+    return {**good[(len(good) - 1) // 2], "rounds": [r.get(key) for r in rounds]}
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    def ratio(kind: str, key: str, baseline: str) -> float | None:
+        weft, base = results["weft"][kind], results[baseline][kind]
+        if key not in weft or key not in base or not base[key]:
+            return None
+        return float(weft[key] / base[key])
+
+    return {
+        "throughput": ratio("throughput", "mbit_s", "forwarded"),
+        "small_pps": ratio("small", "pps", "forwarded"),
+        "throughput_vs_bare": ratio("throughput", "mbit_s", "bare"),
+        "small_pps_vs_bare": ratio("small", "pps", "bare"),
+    }
+
+
+def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
+    def cell(path: str, kind: str, key: str) -> str:
+        figures = results[path][kind]
+        return f"{figures[key]:>12.0f}" if key in figures else f"{'failed':>12}"
+
+    def pct(value: float | None) -> str:
+        return f"{value:>10.0%}" if value is not None else f"{'-':>10}"
+
+    r = results["ratios"]
+    print(f"UDP, iperf3 -u, best of offered rates, median of {args.rounds} round(s) of "
+          f"{args.seconds:g} s runs")
+    print(f"{'':28} {'WG+forward':>12} {'WG alone':>12} {'Weft':>12} "
+          f"{'Weft/fwd':>10} {'Weft/WG':>10}")
+    print(f"{'throughput, 1400 B (Mbit/s)':28} {cell('forwarded', 'throughput', 'mbit_s')} "
+          f"{cell('bare', 'throughput', 'mbit_s')} {cell('weft', 'throughput', 'mbit_s')} "
+          f"{pct(r['throughput'])} {pct(r['throughput_vs_bare'])}")
+    print(f"{'small, 64 B (packets/s)':28} {cell('forwarded', 'small', 'pps')} "
+          f"{cell('bare', 'small', 'pps')} {cell('weft', 'small', 'pps')} "
+          f"{pct(r['small_pps'])} {pct(r['small_pps_vs_bare'])}")
+    print("WG+forward: bare WireGuard with the server's kernel forwarding the public port into it "
+          "(visitor host -> tunnel host, the same hosts as Weft's path: the goal's baseline, "
+          ">= 85%); WG alone: iperf3 on the server host itself (no visitor hop).")
+    for path in PATHS:
+        rounds = results[path]["throughput"].get("rounds", [])
+        print(f"  {path:10} 1400 B best per round (Mbit/s): "
+              + ", ".join(f"{x:.0f}" if x is not None else "failed" for x in rounds))
+    top = results["weft"]["throughput"]
     print(f"weft CPU per datagram at the best rate: server {top.get('server_cpu_us')} us "
           f"({top.get('server_per_wakeup')} per wake-up), tunnel {top.get('tunnel_cpu_us')} us "
           f"({top.get('tunnel_per_wakeup')} per wake-up); load average "
           f"{results['loadavg_before'][0]:.2f} before, {results['loadavg_after'][0]:.2f} after")
-    print(json.dumps(results))
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
