@@ -7,22 +7,24 @@ Builds its own namespace lab (tests/netns.py) and measures with iperf3 -u over t
 the tunnel host, all set up at once and measured in turns (rate by rate, the order reversed every
 other round):
 
+- bare:      the goal's baseline: a wireguard-go pair between the server host and the tunnel
+             host (tests/e2e/wg_node.py), iperf3 client on the server host, server on the
+             tunnel host's WireGuard address;
 - weft:      `weft server` and `weft tunnel` (a udp:// route for the data, a tcp:// route for
              iperf3's control connection): iperf3 client on the visitor host, server on the
              tunnel host's loopback;
-- forwarded: the goal's baseline, bare WireGuard between the same hosts as Weft's path: a
-             wireguard-go pair between the server host and the tunnel host
-             (tests/e2e/wg_node.py), and the server's kernel forwarding a public port into it
-             (nftables DNAT + masquerade, what one would build by hand without Weft); iperf3
-             client on the visitor host, server on the tunnel host's WireGuard address;
-- bare:      the same wireguard-go pair with iperf3's client on the server host itself: no
-             visitor and no forwarding, the floor of what any way of publishing a port costs.
+- forwarded: reported beside them: the same wireguard-go pair and the same two ends as Weft's
+             path, built by hand: the server's kernel forwards a public port (on an address of
+             its own) into the pair (nftables DNAT + masquerade); iperf3 client on the visitor
+             host. Weft / forwarded is what Weft costs against publishing the port without it;
+             forwarded / bare is what the visitor's hop costs any way of publishing a port.
 
 Two figures each: throughput with 1,400-byte datagrams (what arrived, in Mbit/s) and packets per
 second with 64-byte datagrams. Each is measured at a few offered rates and the best delivery is
 kept (UDP has no flow control: offering far more than a path carries only burns the CPU it
-shares), then the median over rounds. Prints figures and ratios (Weft against both baselines),
-and JSON with --json. Never asserts a timing.
+shares), then the median over rounds; ratios are Weft's over a baseline within each round (the
+median and the minimum are printed). Prints figures and ratios, and JSON with --json. Never
+asserts a timing.
 
 `--cpu` (no root, loopback only) measures what the forwarder itself costs: a `UdpForwarder` in its
 own process relays COUNT datagrams from a blaster (this process) to a sink (another process), and
@@ -39,6 +41,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -58,10 +61,13 @@ BARE_SERVER, BARE_TUNNEL = "10.9.0.1", "10.9.0.2"
 BARE_WG_PORT = 9193
 IPERF_PORT = 5201
 PUBLIC_PORT = 15201
-FORWARD_PORT = 15202  # the server's kernel forwards it into bare WireGuard (forward_port)
+# The server's kernel forwards FORWARD_IP:FORWARD_PORT into bare WireGuard (forward_port). A
+# second address of the server's, so that the path MTU the visitor learns for it (1,420, from
+# the forward into WireGuard) is not applied to its datagrams to Weft's SERVER_IP as well.
+FORWARD_IP, FORWARD_PORT = "198.51.100.3", 15202
+# bare: the server host itself -> bare WireGuard -> tunnel host (the goal's baseline);
 # weft: visitor -> Weft -> tunnel host; forwarded: visitor -> the server's kernel -> bare
-# WireGuard -> tunnel host (the baseline of the goal: the same hosts, the hand-built way);
-# bare: the server host itself -> bare WireGuard -> tunnel host (no visitor hop at all).
+# WireGuard -> tunnel host (the same hosts as Weft's path, the hand-built way; reported).
 PATHS = ("weft", "forwarded", "bare")
 
 # Offered rates (iperf3 -b); 0 means as fast as the sender can go.
@@ -346,11 +352,11 @@ def main() -> int:
             )
             # No probe connection to Weft's port: iperf3 -s would take it for a test and reset
             # the next one.
-            wait_tcp_port(lab.visitor, SERVER_IP, FORWARD_PORT)
+            wait_tcp_port(lab.visitor, FORWARD_IP, FORWARD_PORT)
             targets = {
                 "weft": (lab.visitor, SERVER_IP, PUBLIC_PORT,
                          {"server": server.proc.pid, "tunnel": tunnel.pid}),
-                "forwarded": (lab.visitor, SERVER_IP, FORWARD_PORT, None),
+                "forwarded": (lab.visitor, FORWARD_IP, FORWARD_PORT, None),
                 "bare": (lab.server, BARE_TUNNEL, IPERF_PORT, None),
             }
             for kind, length, rates, key in (("throughput", 1400, THROUGHPUT_RATES, "mbit_s"),
@@ -360,6 +366,11 @@ def main() -> int:
                 for path in PATHS:
                     results.setdefault(path, {})[kind] = median_of_rounds(
                         [r[path] for r in rounds], key)
+                results.setdefault("paired", {})[kind] = paired_ratios(rounds, key)
+            # Shows any path MTU the visitor learned for Weft's address ("mtu 1420" in its cache
+            # would mean its datagrams to Weft were fragmented before they left it).
+            results["visitor_route_to_weft"] = " ".join(
+                lab.visitor.check(["ip", "route", "get", SERVER_IP]).split())
         finally:
             for node in nodes:
                 node.stop()
@@ -380,13 +391,14 @@ def forward_port(lab: Lab) -> None:
     the WireGuard link (DNAT), masquerading as its WireGuard address (the tunnel's peer only
     accepts that source). Lives in the lab's server namespace and goes with it."""
     lab.server.check(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    lab.server.check(["ip", "address", "add", f"{FORWARD_IP}/24", "dev", "eth0"])
     dnat = f"dnat to {BARE_TUNNEL}:{IPERF_PORT}"
     lab.server.check(["nft", "-f", "-"], input=(
         "table ip weft_bench_forward {\n"
         "  chain pre {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
-        f"    ip daddr {SERVER_IP} udp dport {FORWARD_PORT} {dnat}\n"
-        f"    ip daddr {SERVER_IP} tcp dport {FORWARD_PORT} {dnat}\n"
+        f"    ip daddr {FORWARD_IP} udp dport {FORWARD_PORT} {dnat}\n"
+        f"    ip daddr {FORWARD_IP} tcp dport {FORWARD_PORT} {dnat}\n"
         "  }\n"
         "  chain post {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
@@ -417,26 +429,38 @@ def measure_round(targets: dict[str, Any], seconds: float, length: int, rates: t
 
 
 def median_of_rounds(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The round whose best is the median (the lower middle of an even count), with every
-    round's best figure beside it."""
-    good = sorted((r for r in rounds if "error" not in r), key=lambda r: r[key])
+    """A path's figures: the median of its rounds' best deliveries (`key`), beside the round
+    closest to it (with that round's rate, loss and CPU) and every round's figure."""
+    good = [r for r in rounds if "error" not in r]
     if not good:
         return {"error": rounds[0]["error"]}
-    return {**good[(len(good) - 1) // 2], "rounds": [r.get(key) for r in rounds]}
+    middle = statistics.median(r[key] for r in good)
+    closest = min(good, key=lambda r: abs(r[key] - middle))
+    return {**closest, key: middle, "rounds": [r.get(key) for r in rounds]}
+
+
+def paired_ratios(rounds: list[dict[str, dict[str, Any]]], key: str) -> dict[str, Any]:
+    """Weft over each baseline within each round (measured minutes apart, in turns), with
+    their median and minimum: the ratios that count."""
+    out: dict[str, Any] = {}
+    for baseline in ("bare", "forwarded"):
+        ratios = [r["weft"][key] / r[baseline][key] for r in rounds
+                  if key in r["weft"] and r[baseline].get(key)]
+        out[baseline] = {"rounds": ratios,
+                         "median": statistics.median(ratios) if ratios else None,
+                         "min": min(ratios) if ratios else None}
+    return out
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
-    def ratio(kind: str, key: str, baseline: str) -> float | None:
-        weft, base = results["weft"][kind], results[baseline][kind]
-        if key not in weft or key not in base or not base[key]:
-            return None
-        return float(weft[key] / base[key])
-
+    paired = results["paired"]
     return {
-        "throughput": ratio("throughput", "mbit_s", "forwarded"),
-        "small_pps": ratio("small", "pps", "forwarded"),
-        "throughput_vs_bare": ratio("throughput", "mbit_s", "bare"),
-        "small_pps_vs_bare": ratio("small", "pps", "bare"),
+        "throughput": paired["throughput"]["bare"]["median"],
+        "throughput_min": paired["throughput"]["bare"]["min"],
+        "small_pps": paired["small"]["bare"]["median"],
+        "throughput_vs_forwarded": paired["throughput"]["forwarded"]["median"],
+        "throughput_vs_forwarded_min": paired["throughput"]["forwarded"]["min"],
+        "small_pps_vs_forwarded": paired["small"]["forwarded"]["median"],
     }
 
 
@@ -448,29 +472,39 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     def pct(value: float | None) -> str:
         return f"{value:>10.0%}" if value is not None else f"{'-':>10}"
 
+    def loss(path: str) -> str:
+        figures = results[path]["throughput"]
+        return f"{figures['lost_percent']:>11.1f}%" if "lost_percent" in figures else f"{'-':>12}"
+
     r = results["ratios"]
     print(f"UDP, iperf3 -u, best of offered rates, median of {args.rounds} round(s) of "
-          f"{args.seconds:g} s runs")
-    print(f"{'':28} {'WG+forward':>12} {'WG alone':>12} {'Weft':>12} "
-          f"{'Weft/fwd':>10} {'Weft/WG':>10}")
-    print(f"{'throughput, 1400 B (Mbit/s)':28} {cell('forwarded', 'throughput', 'mbit_s')} "
-          f"{cell('bare', 'throughput', 'mbit_s')} {cell('weft', 'throughput', 'mbit_s')} "
-          f"{pct(r['throughput'])} {pct(r['throughput_vs_bare'])}")
-    print(f"{'small, 64 B (packets/s)':28} {cell('forwarded', 'small', 'pps')} "
-          f"{cell('bare', 'small', 'pps')} {cell('weft', 'small', 'pps')} "
-          f"{pct(r['small_pps'])} {pct(r['small_pps_vs_bare'])}")
-    print("WG+forward: bare WireGuard with the server's kernel forwarding the public port into it "
-          "(visitor host -> tunnel host, the same hosts as Weft's path: the goal's baseline, "
-          ">= 85%); WG alone: iperf3 on the server host itself (no visitor hop).")
+          f"{args.seconds:g} s runs; ratios: median of the rounds' own")
+    print(f"{'':28} {'WG alone':>12} {'WG+forward':>12} {'Weft':>12} "
+          f"{'Weft/WG':>10} {'Weft/fwd':>10}")
+    print(f"{'throughput, 1400 B (Mbit/s)':28} {cell('bare', 'throughput', 'mbit_s')} "
+          f"{cell('forwarded', 'throughput', 'mbit_s')} {cell('weft', 'throughput', 'mbit_s')} "
+          f"{pct(r['throughput'])} {pct(r['throughput_vs_forwarded'])}")
+    print(f"{'small, 64 B (packets/s)':28} {cell('bare', 'small', 'pps')} "
+          f"{cell('forwarded', 'small', 'pps')} {cell('weft', 'small', 'pps')} "
+          f"{pct(r['small_pps'])} {pct(r['small_pps_vs_forwarded'])}")
+    print(f"{'  loss at best rate':28} {loss('bare')} {loss('forwarded')} {loss('weft')}")
+    print("WG alone: iperf3 on the server host over bare WireGuard to the tunnel host (the goal's "
+          "baseline, >= 85%); WG+forward: from the visitor host, the server's kernel forwarding "
+          "a public port into the same WireGuard (the same hosts as Weft's path, built by hand).")
+    paired = results["paired"]["throughput"]
     for path in PATHS:
         rounds = results[path]["throughput"].get("rounds", [])
         print(f"  {path:10} 1400 B best per round (Mbit/s): "
               + ", ".join(f"{x:.0f}" if x is not None else "failed" for x in rounds))
+    for baseline, label in (("bare", "Weft/WG"), ("forwarded", "Weft/fwd")):
+        print(f"  {label} per round: " + ", ".join(f"{x:.2f}" for x in paired[baseline]["rounds"])
+              + (f" (min {paired[baseline]['min']:.2f})" if paired[baseline]["min"] else ""))
     top = results["weft"]["throughput"]
     print(f"weft CPU per datagram at the best rate: server {top.get('server_cpu_us')} us "
           f"({top.get('server_per_wakeup')} per wake-up), tunnel {top.get('tunnel_cpu_us')} us "
           f"({top.get('tunnel_per_wakeup')} per wake-up); load average "
           f"{results['loadavg_before'][0]:.2f} before, {results['loadavg_after'][0]:.2f} after")
+    print(f"visitor's route to Weft's address at the end: {results['visitor_route_to_weft']}")
 
 if __name__ == "__main__":
     sys.exit(main())
