@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -182,6 +183,37 @@ def test_kept_alive_upstream_closed_by_the_app_is_retried_once() -> None:
             assert (await _read_response(reader)).endswith(b"\r\n\r\nok")
         assert served == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1", b"GET /3 HTTP/1.1"]
         assert route.counters.connections == 3
+        writer.close()
+        await route.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)  # it hung (the event loop frozen) before the fix
+def test_a_malformed_chunk_size_is_refused_and_the_server_serves_on() -> None:
+    """A negative chunk size (`int("-6", 16)` is -6) once sent the body tracker backwards over
+    the same line forever, freezing the event loop and with it every tunnel on the server."""
+
+    async def scenario() -> None:
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+
+        server, route, port = await _proxy_site(app)
+        for size in (b"-6", b"0x10", b"+5"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n"
+                         b"\r\n1\r\nA\r\n" + size + b"\r\nX")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 400 "), (size, answer)
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        assert (await _read_response(reader)).endswith(b"\r\n\r\nok")
         writer.close()
         await route.close()
         server.close()

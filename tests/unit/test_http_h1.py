@@ -24,7 +24,7 @@ def test_request_head_and_host_routing() -> None:
                                 b"Connection: keep-alive\r\n\r\n")
     assert (req.method, req.path, req.host, req.keep_alive) == ("GET", "/p?q=1",
                                                                 "app.example.com", True)
-    absolute = h1.parse_request_head(b"GET http://b.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    absolute = h1.parse_request_head(b"GET HTTP://B.example/x HTTP/1.1\r\nHost: b.example\r\n\r\n")
     assert absolute.host == "b.example" and absolute.path == "/x"
     two_hosts = h1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     assert two_hosts.host is None
@@ -94,6 +94,33 @@ def test_chunked_tracker_rejects_garbage(bad: bytes) -> None:
         h1.BodyTracker(h1.Framing("chunked")).feed(bad)
 
 
+@pytest.mark.parametrize("bad", [
+    b"-6\r\n",  # int(x, 16) takes it: the tracker stepped back and read the same line forever
+    b"0x10\r\n", b"1_0\r\n", b"+5\r\n", b" 5\r\n", b"5 \r\n", b"-0\r\n",  # other sizes to a backend
+    b"5\nhello\r\n", b"5\r\r\nhello\r\n", b"5\r\nhello\n0\r\n",  # not CRLF
+    b"5;a=\x0b\r\n",  # a control character in an extension
+    b"5;" + b"e" * 5000 + b"\r\n",  # too long even when the line arrives whole
+    b"0\r\nBad Trailer: x\r\n\r\n", b"0\r\nT: \x0b\r\n\r\n",  # malformed trailer fields
+])
+@pytest.mark.timeout(20)  # the "-6" case looped forever before the fix
+def test_chunked_tracker_accepts_hex_digits_and_crlf_only(bad: bytes) -> None:
+    """A chunked body is forwarded as it came, so any size or line end a backend could read
+    differently (request smuggling) is refused, whole or fed byte by byte."""
+    with pytest.raises(h1.ParseError) as whole:
+        h1.BodyTracker(h1.Framing("chunked")).feed(bad + b"hello\r\n0\r\n\r\n")
+    assert whole.value.status == 400
+    tracker = h1.BodyTracker(h1.Framing("chunked"))
+    with pytest.raises(h1.ParseError):
+        for byte in bad + b"hello\r\n0\r\n\r\n":
+            tracker.feed(bytes([byte]))
+
+
+def test_chunked_tracker_allows_whitespace_before_an_extension() -> None:
+    body = b"5 ;name=value\r\nhello\r\nA\r\n0123456789\r\n0\r\nT: ok\r\n\r\n"
+    tracker = h1.BodyTracker(h1.Framing("chunked"))
+    assert tracker.feed(memoryview(body + b"NEXT")) == len(body) and tracker.done
+
+
 def test_length_tracker_stops_at_the_end() -> None:
     tracker = h1.BodyTracker(h1.Framing("length", 10))
     assert tracker.feed(b"12345") == 5 and not tracker.done
@@ -105,6 +132,8 @@ def test_length_tracker_stops_at_the_end() -> None:
     ("Example.COM", "example.com"), ("example.com.", "example.com"),
     ("example.com:443", "example.com"), ("bücher.example", "xn--bcher-kva.example"),
     ("[2001:db8::1]:80", "2001:db8::1"), ("bad name", None), ("", None), ("a:b", None),
+    ("[2001:DB8::1]", "2001:db8::1"), ("[a.example]whatever", None), ("[a.example]", None),
+    ("[::1]x", None), ("[::1]:", None), ("[::1", None),
     ("-" * 70 + ".com", None),
 ])
 def test_normalize_host(value: str, expected: str | None) -> None:
@@ -233,3 +262,51 @@ def test_an_oversized_host_is_refused_before_any_idna_work() -> None:
         h1.normalize_host(".".join(["\u00e9" * 62 + f"{i % 10}"] * 4))  # 4 labels of 63
     assert (time.perf_counter() - started) / 200 < 0.002  # per value, with time to spare
     assert h1.normalize_host("b\u00fccher.example") == "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize("head", [
+    b"GET http://a.example/ HTTP/1.1\r\nHost: internal.admin\r\n\r\n",  # Host names another
+    b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHost: evil.example\r\n\r\n",
+    b"GET http://a.example/ HTTP/1.1\r\n\r\n",  # no Host at all
+])
+def test_an_absolute_target_and_its_host_header_must_agree(head: bytes) -> None:
+    """RFC 9112 3.2.2: routing follows the target; a Host naming something else would reach
+    the app and its X-Forwarded-Host unchecked (cache or password-reset poisoning)."""
+    assert h1.parse_request_head(head).host is None
+
+
+@pytest.mark.parametrize("head", [
+    b"GET a.example@evil.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n",  # became a Location
+    b"GET * HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    b"GET a.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+])
+def test_request_targets_other_than_rfc_9112_forms_are_refused(head: bytes) -> None:
+    with pytest.raises(h1.ParseError) as err:
+        h1.parse_request_head(head)
+    assert err.value.status == 400
+
+
+def test_options_asterisk_is_a_valid_target() -> None:
+    request = h1.parse_request_head(b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert request.host == "a.example" and request.target == "*"
+
+
+@pytest.mark.parametrize("field", [
+    b"Transfer-Encoding: \x0bchunked", b"Transfer-Encoding: chunked\xa0",
+    b"Transfer-Encoding: chunked\x85", b"Transfer-Encoding: \x1fchunked",
+    b"Content-Length: 5, 5\x0b", b"Content-Length: \x0c5",
+])
+def test_framing_fields_with_other_whitespace_are_refused(field: bytes) -> None:
+    """Only SP and HTAB surround a coding or a length; "\x0bchunked" read as chunked here and as
+    an unknown coding by a backend would hand it the body as a second request."""
+    with pytest.raises(h1.ParseError) as err:
+        head = b"POST / HTTP/1.1\r\nHost: a.example\r\n" + field + b"\r\n\r\n"
+        h1.request_body(h1.parse_request_head(head))
+    assert err.value.status == 400
+
+
+def test_a_response_with_a_malformed_coding_is_a_bad_gateway() -> None:
+    response = h1.parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\xa0\r\n\r\n")
+    with pytest.raises(h1.ParseError) as err:
+        h1.response_body(response, "GET")
+    assert err.value.status == 502

@@ -63,7 +63,11 @@ Headers = tuple[tuple[str, str], ...]
 # A head whose every header line is `token:value` with CRLF line ends (the usual case) is checked
 # with one match and kept as it came; anything else takes the line-by-line path below, which says
 # exactly what is wrong, and is kept re-rendered in that canonical form.
-_CLEAN_FIELDS_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r\n\x00]*+\r\n)*+\r\n\Z")
+_CLEAN_FIELDS_RE = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\x00-\x08\x0a-\x1f\x7f]*+\r\n)*+\r\n\Z")
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_CTL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB: never valid in a field value
+_CODING_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _METHOD_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HOSTS: dict[str, str | None] = {}  # Host header -> normalize_host(it), a small cache
@@ -83,7 +87,9 @@ def _parse_headers(lines: list[bytes], status: int) -> Headers:
         if not sep or not _TOKEN_RE.match(name):
             raise ParseError(status, f"malformed header line {line[:40]!r}")
         value = value.strip(b" \t")
-        if b"\r" in value or b"\x00" in value:  # RFC 9112 2.2: never pass a bare CR or NUL on
+        # RFC 9110 5.5: never pass a CR or NUL on; a request's other CTLs are refused as well
+        # (a backend may read "\x0bchunked" differently from us). Responses keep those.
+        if b"\r" in value or b"\x00" in value or (status == 400 and _CTL_RE.search(value)):
             raise ParseError(status, f"control character in header {name[:40]!r}")
         headers.append((name.decode("ascii"), value.decode("latin-1")))
     return tuple(headers)
@@ -99,7 +105,8 @@ def _get(headers: Headers, name: str) -> list[str]:
 
 
 def _tokens(headers: Headers, name: str) -> list[str]:
-    return [t.strip().lower() for v in _get(headers, name) for t in v.split(",") if t.strip()]
+    return [t.strip(" \t").lower() for v in _get(headers, name) for t in v.split(",")
+            if t.strip(" \t")]
 
 
 def _render(first_line: str, headers: Headers) -> bytes:
@@ -153,7 +160,10 @@ class _Head:
     def _tokens(self, key: bytes) -> list[str]:
         if key not in self._low:
             return []
-        return [t.strip().lower() for v in self._values(key) for t in v.split(",") if t.strip()]
+        # Only SP and HTAB are whitespace here (str.strip() would also take \x0b, \x1c-\x1f,
+        # \x85 and \xa0 away, and "\x0bchunked" would pass for a coding a backend may not see).
+        return [t.strip(" \t").lower() for v in self._values(key) for t in v.split(",")
+                if t.strip(" \t")]
 
     def get_all(self, name: str) -> list[str]:
         return self._values(b"\r\n" + name.lower().encode("latin-1", "replace") + b":")
@@ -194,10 +204,15 @@ class RequestHead(_Head):
     @property
     def host(self) -> str | None:
         """The normalised virtual-host name this request is for, or None."""
-        if self.target[:1] != "/" and self.target.startswith(("http://", "https://")):
-            authority = self.target.split("://", 1)[1].split("/", 1)[0]
-            return normalize_host(authority)
         hosts = self._host_values()
+        if self.target[:1] != "/" and _is_absolute(self.target):
+            authority = self.target.split("://", 1)[1].split("/", 1)[0]
+            name = normalize_host(authority)
+            # RFC 9112 3.2.2: the target's host is the one asked for. A Host header naming
+            # another would reach the app (and X-Forwarded-Host) unchecked: both must agree.
+            if len(hosts) != 1 or normalize_host(hosts[0]) != name:
+                return None
+            return name
         if len(hosts) != 1:
             return None
         value = hosts[0]
@@ -221,7 +236,7 @@ class RequestHead(_Head):
 
     @property
     def path(self) -> str:
-        if self.target[:1] != "/" and self.target.startswith(("http://", "https://")):
+        if self.target[:1] != "/" and _is_absolute(self.target):
             rest = self.target.split("://", 1)[1]
             return "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         return self.target
@@ -243,6 +258,19 @@ class RequestHead(_Head):
             b"\r\nx-forwarded-" in low or b"\r\nx_forwarded_" in low or b"\r\nforwarded:" in low
             or b"\r\nx-real-ip:" in low or b"\r\nx_real_ip:" in low
         )
+
+
+def _is_absolute(target: str) -> bool:
+    """Whether a request target is in absolute form (the scheme is case-insensitive)."""
+    return target[:8].lower().startswith(("http://", "https://"))
+
+
+def _check_target(request: RequestHead) -> None:
+    """RFC 9112 3.2: origin form, absolute form, or `*` for OPTIONS (CONNECT is refused)."""
+    target = request.target
+    if target[:1] != "/" and not _is_absolute(target) and \
+            not (target == "*" and request.method == "OPTIONS"):
+        raise ParseError(400, "malformed request target")
 
 
 class ResponseHead(_Head):
@@ -267,7 +295,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         parts = head[:first].split(b" ")
         if len(parts) == 3:
             method, target, version = parts
-            if (version == b"HTTP/1.1" or version == b"HTTP/1.0") and target and \
+            if (version == b"HTTP/1.1" or version == b"HTTP/1.0") and target[:1] == b"/" and \
                     _METHOD_RE.match(method) and not _BAD_TARGET_RE.search(target) and \
                     method != b"CONNECT":
                 return RequestHead(method.decode("ascii"), target.decode("latin-1"),
@@ -301,6 +329,7 @@ def _parse_request_head_slowly(head: bytes) -> RequestHead:
     )
     if request.method == "CONNECT":
         raise ParseError(405, "CONNECT is not supported")
+    _check_target(request)
     return request
 
 
@@ -356,7 +385,7 @@ def _content_length(values: list[str], status: int) -> int | None:
         text = values[0]
         if text.isdigit() and text.isascii() and len(text) <= 18:
             return int(text)
-    parts = {p.strip() for v in values for p in v.split(",")}
+    parts = {p.strip(" \t") for v in values for p in v.split(",")}
     if len(parts) != 1:
         raise ParseError(status, "conflicting Content-Length values")
     (text,) = parts
@@ -365,9 +394,16 @@ def _content_length(values: list[str], status: int) -> int | None:
     return int(text)
 
 
+def _check_codings(codings: list[str], status: int) -> None:
+    for coding in codings:
+        if not _CODING_RE.match(coding.split(";", 1)[0].rstrip(" \t")):
+            raise ParseError(status, "malformed Transfer-Encoding")
+
+
 def _transfer_chunked(codings: list[str], status: int) -> bool:
     if not codings:
         return False
+    _check_codings(codings, status)
     if codings[-1] != "chunked" or codings.count("chunked") != 1:
         raise ParseError(status, "unsupported Transfer-Encoding")
     return True
@@ -417,6 +453,7 @@ def response_body(response: ResponseHead, request_method: str) -> Framing:
     if _TRANSFER_ENCODING in low:
         codings = response._tokens(_TRANSFER_ENCODING)
         if codings:
+            _check_codings(codings, 502)
             if codings[-1] == "chunked":
                 return CHUNKED
             return CLOSE
@@ -463,13 +500,14 @@ class BodyTracker:
             self._remaining -= used
             self.done = self._remaining == 0
             return used
-        return self._feed_chunked(memoryview(data))
+        return self._feed_chunked(data if isinstance(data, bytes | bytearray) else bytes(data))
 
-    def _feed_chunked(self, data: memoryview) -> int:
+    def _feed_chunked(self, data: bytes | bytearray) -> int:
+        # Lines are found in place: copying the rest of the read for each line would make a body
+        # of tiny chunks cost the square of the read's size.
         pos, end = 0, len(data)
         while pos < end and not self.done:
-            state = self._state
-            if state == "data":
+            if self._state == "data":
                 take = min(end - pos, self._remaining)
                 pos += take
                 self._remaining -= take
@@ -477,34 +515,48 @@ class BodyTracker:
                     self._state = "data_end"
                 continue
             # size, data_end and trailer states read one line at a time
-            nl = bytes(data[pos:end]).find(b"\n")
+            nl = data.find(b"\n", pos, end)
             if nl < 0:
                 self._line += data[pos:end]
                 self._check_line()
                 return end
-            self._line += data[pos:pos + nl]
-            pos += nl + 1
-            line = bytes(self._line).rstrip(b"\r")
-            self._line.clear()
+            if self._line:
+                self._line += data[pos:nl]
+                line = bytes(self._line)
+                self._line.clear()
+            else:
+                line = bytes(data[pos:nl])
+            pos = nl + 1
             self._line_done(line)
         return pos
 
     def _check_line(self) -> None:
-        if self._state == "data_end" and self._line.strip(b"\r"):
+        """A line still incomplete at the end of a read."""
+        if self._state == "data_end" and self._line not in (b"", b"\r"):
             raise ParseError(400, "missing CRLF after chunk data")
         limit = MAX_TRAILERS if self._state == "trailer" else MAX_CHUNK_LINE
         if len(self._line) > limit:
             raise ParseError(400, "chunk size line too long")
 
-    def _line_done(self, line: bytes) -> None:
+    def _line_done(self, raw: bytes) -> None:
+        # Exactly CRLF ends every line of a chunked body: the body is forwarded as it came, and
+        # a backend that reads a bare LF or CR differently from us would see other messages.
+        if not raw.endswith(b"\r") or b"\r" in raw[:-1]:
+            raise ParseError(400, "chunked body line not ended by CRLF")
+        line = raw[:-1]
         if self._state == "size":
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                if not size_text or len(size_text) > 16:
-                    raise ValueError
-                size = int(size_text, 16)
-            except ValueError:
-                raise ParseError(400, "malformed chunk size") from None
+            if len(line) > MAX_CHUNK_LINE:
+                raise ParseError(400, "chunk size line too long")
+            size_text, semi, extension = line.partition(b";")
+            if semi:  # RFC 9112 7.1.1: BWS before ";"; nothing else may follow the digits
+                size_text = size_text.rstrip(b" \t")
+                if _CTL_RE.search(extension):
+                    raise ParseError(400, "control character in a chunk extension")
+            # Hex digits only: int(x, 16) would also take "-6" (a loop that never ends), "0x10",
+            # "1_0" and "+5", which a backend reads as other sizes (request smuggling).
+            if not _CHUNK_SIZE_RE.match(size_text):
+                raise ParseError(400, "malformed chunk size")
+            size = int(size_text, 16)
             if size == 0:
                 self._state = "trailer"
             else:
@@ -518,9 +570,12 @@ class BodyTracker:
             if not line:
                 self.done = True
                 return
-            self._trailer_bytes += len(line)
+            self._trailer_bytes += len(raw) + 1
             if self._trailer_bytes > MAX_TRAILERS:
                 raise ParseError(400, "trailers too large")
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN_RE.match(name) or _CTL_RE.search(value):
+                raise ParseError(400, "malformed trailer field")
 
 
 # --- rewriting -----------------------------------------------------------------------------------
@@ -619,9 +674,15 @@ def normalize_host(value: str) -> str | None:
     value = value.strip()
     if not value or len(value) > MAX_HOST_INPUT:  # before any decoding: IDNA work is not free
         return None
-    if value.startswith("["):
+    if value.startswith("["):  # an IPv6 literal, and only that, with an optional port
         end = value.find("]")
-        return value[1:end].lower() if end > 0 else None
+        port = value[end + 1:] if end > 0 else ""
+        if end < 0 or (port and not (port[0] == ":" and port[1:].isascii() and port[1:].isdigit())):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(value[1:end]))
+        except ValueError:
+            return None
     if value.count(":") == 1:
         value, _, port = value.partition(":")
         if not port.isdigit():

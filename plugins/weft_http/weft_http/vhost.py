@@ -656,7 +656,8 @@ class Session(asyncio.Protocol):
             return
         name = request.host
         if name is None:
-            self._reply(400, "400 Bad Request: a valid Host header is required.\n")
+            self._reply(400, "400 Bad Request: exactly one valid Host header is required (naming "
+                        "the request target's host, when the target names one).\n")
             return
         if self.tls and name != self.sni:
             self._reply(421, "421 Misdirected Request: the Host does not match the TLS "
@@ -673,6 +674,8 @@ class Session(asyncio.Protocol):
         if kind == "redirect" and not challenge:
             port = self.limits.https_port
             authority = name if port == 443 else f"{name}:{port}"
+            if path[:1] != "/":  # OPTIONS *: the Location must stay on this name
+                path = "/"
             self._reply(308, f"https://{authority}{path}\n",
                         headers=[("Location", f"https://{authority}{path}")])
             return
