@@ -14,11 +14,10 @@ import socket
 import ssl
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from . import auth, telemetry
+from . import auth, sticky_ports, telemetry
 from .control.api import ControlApi
 from .errors import ApiError, ExitCode, WeftError
 from .firewall import ServerIsolation, check_nftables
@@ -117,7 +116,7 @@ class Server:
         self.lock = asyncio.Lock()
         # The last port each route got, by (transport, host, realm, tunnel name, local URL,
         # scheme): a tunnel restarted under the same --name gets its ports back. Bounded, LRU.
-        self._last_ports: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        self._last_ports = sticky_ports.StickyPorts(MAX_LAST_PORTS)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -308,14 +307,11 @@ class Server:
     ) -> socket.socket:
         """Bind `port` (0: any allowed port) under the port policy. `sticky` names the route
         (realm, tunnel name, local URL, scheme): port 0 tries the port it last had first."""
-        key = None if sticky is None else (transport, host, *sticky)
+        key = None if sticky is None else sticky_ports.key_for(transport, host, *sticky)
         sock = self._bind_by_policy(transport, host, port, bind,
                                     None if key is None else self._last_ports.get(key))
         if key is not None:
-            self._last_ports[key] = sock.getsockname()[1]
-            self._last_ports.move_to_end(key)
-            while len(self._last_ports) > MAX_LAST_PORTS:
-                self._last_ports.popitem(last=False)
+            self._last_ports.remember(key, sock.getsockname()[1])
         return sock
 
     def _bind_by_policy(
@@ -415,9 +411,7 @@ class Server:
         that name. Names are not unique: another host's tunnel of the same name must not inherit
         the ports of one that is merely cut off (it asks for them by number when it comes back).
         Only these ports: a new process of the same name may hold others by now."""
-        for key in [k for k, port in self._last_ports.items()
-                    if k[2:4] == (record.realm, record.name) and port in ports]:
-            del self._last_ports[key]
+        self._last_ports.forget(record.realm, record.name, ports)
 
     async def close_route(self, record: TunnelRecord, route_id: str, drain: float = 0.0) -> None:
         route = record.routes.pop(route_id, None)

@@ -18,14 +18,13 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from weft_core import auth
+from weft_core import auth, sticky_ports
 from weft_core.control.api import ControlApi
 from weft_core.control.http import Message, read_message, render_request
 from weft_core.errors import ApiError
@@ -86,7 +85,7 @@ class FakeServer(Server):
         self.recorder = RecordingInterface()
         self.interface = self.recorder  # type: ignore[assignment]
         self.lock = asyncio.Lock()
-        self._last_ports: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        self._last_ports = sticky_ports.StickyPorts()
 
 
 def wg_key(seed: int) -> str:

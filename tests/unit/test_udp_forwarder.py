@@ -222,9 +222,17 @@ def test_following_the_servers_limits_closes_sessions_beyond_them_and_expires_so
         await until(lambda: fwd.counters.open == 0, timeout=3)  # not 60 s
         await asyncio.sleep(0)
         await until(lambda: open_fds() <= before + len(clients), timeout=3)
-        # Terms it cannot read change nothing.
-        UdpProtocol().accept_terms(fwd, {"idle_timeout": "soon", "max_sessions": -1})
-        assert fwd.idle_timeout == 0.75 and fwd.sessions.max_sessions == 9
+        # Terms it cannot read change nothing (a 400-digit integer raised OverflowError, which
+        # broke the tunnel's connection; JSON true passed for a cap of 1).
+        for terms in ({"idle_timeout": "soon", "max_sessions": -1},
+                      {"idle_timeout": 10**400, "max_sessions": 5},
+                      {"idle_timeout": float("nan"), "max_sessions": 5},
+                      {"idle_timeout": float("inf"), "max_sessions": 5},
+                      {"idle_timeout": True, "max_sessions": 5},
+                      {"idle_timeout": 5.0, "max_sessions": True},
+                      {"idle_timeout": 5.0, "max_sessions": 10**30}):
+            UdpProtocol().accept_terms(fwd, terms)
+            assert fwd.idle_timeout == 0.75 and fwd.sessions.max_sessions == 9, terms
         for sock in clients:
             sock.close()
         await fwd.close()
@@ -604,3 +612,98 @@ def test_socket_buffers_grow_past_the_sysctl_cap_as_root() -> None:
         # The kernel doubles what it is given (its bookkeeping overhead), capped or not.
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * wanted
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * wanted
+
+
+class Pusher(Echo):
+    """A service that, once asked, keeps talking: 40 datagrams, 50 ms apart."""
+
+    def _read(self) -> None:
+        while True:
+            try:
+                _, addr = self.sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            self.peers.add(addr)
+            for i in range(40):
+                self.loop.call_later(0.05 * i, self._send, addr)
+
+    def _send(self, addr: tuple[str, int]) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendto(b"push", addr)
+
+
+def test_on_the_tunnel_side_replies_do_not_keep_a_session_the_server_may_have_closed() -> None:
+    """The tunnel knows a session by the server's port, which the server's kernel may give the
+    next visitor once the server closes it: the tunnel side must forget first, so a service
+    talking on (2 s here) does not keep its session past the idle time (0.5 s)."""
+
+    async def main() -> None:
+        pusher = Pusher(0)
+        fwd = forwarder(pusher.get_extra_info("sockname"), idle_timeout=0.5, allowed_source=LO)
+        await fwd.start()
+        sock = client()
+        assert await exchange(sock, fwd.address, b"start") == b"push"
+        await until(lambda: fwd.counters.open == 0, timeout=1.2)  # was 2 s and more
+        assert fwd.counters.datagrams_out > 1  # it did talk meanwhile
+        sock.close()
+        await fwd.close()
+        pusher.close()
+
+    run(main())
+
+
+def test_on_the_tunnel_side_a_session_that_cannot_open_makes_room_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the process's session cap the tunnel side closes its oldest session for the new one
+    (the server took the new visitor in, evicting its own oldest); refusing it and keeping the
+    old one could leave this side holding a session the server has closed. The server side
+    drops the newcomer instead: its cap bounds a flood of spoofed sources."""
+
+    async def main() -> None:
+        transport, _ = await start_echo()
+        tunnel_side = forwarder(transport.get_extra_info("sockname"), allowed_source=LO)
+        server_side = forwarder(transport.get_extra_info("sockname"))
+        await tunnel_side.start()
+        await server_side.start()
+        for fwd, newcomer_served in ((tunnel_side, True), (server_side, False)):
+            monkeypatch.setattr(forwarder_module, "_open_sessions", 0)
+            monkeypatch.setattr(forwarder_module, "max_total_sessions", 3)
+            clients = [client() for _ in range(4)]
+            for sock in clients[:3]:
+                assert await exchange(sock, fwd.address, b"x") == b"x"
+            reply = await exchange(clients[3], fwd.address, b"new", timeout=0.5)
+            assert (reply == b"new") is newcomer_served, fwd
+            first = ("127.0.0.1", clients[0].getsockname()[1])
+            assert (first in fwd.sessions) is not newcomer_served
+            assert fwd.counters.open == 3
+            for sock in clients:
+                sock.close()
+            await fwd.close()
+        transport.close()
+
+    run(main())
+
+
+def test_a_flapping_target_is_logged_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ICMP errors can be forged: a target that 'fails' and 'answers' at packet rate must not
+    write two log lines each time (the drops are counted; the lines left out are too)."""
+
+    async def main() -> None:
+        transport, _ = await start_echo()
+        fwd = forwarder(transport.get_extra_info("sockname"))
+        await fwd.start()
+        with caplog.at_level("WARNING", logger="weft.udp"):
+            for _ in range(500):
+                fwd._target_error(ConnectionRefusedError(111, "Connection refused"))
+                fwd._target_answered()
+        assert len(caplog.records) == 1 and fwd.counters.dropped == 500
+        fwd._state_logged -= forwarder_module.STATE_LOG_INTERVAL  # the interval has passed
+        fwd._target_error(ConnectionRefusedError(111, "Connection refused"))
+        assert "999 more changes left out" in caplog.records[-1].getMessage()
+        await fwd.close()
+        transport.close()
+
+    run(main())

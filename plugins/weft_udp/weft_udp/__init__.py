@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import math
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +41,7 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_MAX_TOTAL = 100_000
 DEFAULT_COALESCE_MS = 1.0
+MAX_TERMS_SESSIONS = 10**9  # a server's cap beyond this is not a cap to follow
 
 
 def _positive_float(text: str) -> float:
@@ -222,8 +224,17 @@ class UdpProtocol:
         """Follow the server's session limits (see `sessions.in_step`): a session the server
         has closed must be gone here before its port can come back for another visitor."""
         idle, cap = terms.get("idle_timeout"), terms.get("max_sessions")
-        if isinstance(idle, int | float) and isinstance(cap, int) and idle > 0 and cap > 0:
-            forwarder.follow(float(idle), cap)
+        # Numbers only (JSON true is an int to Python), finite, and in range: a value that
+        # cannot be a float (a 400-digit integer) raised here and broke the connection.
+        if isinstance(idle, bool) or not isinstance(idle, int | float) or \
+                isinstance(cap, bool) or not isinstance(cap, int):
+            return
+        try:
+            seconds = float(idle)
+        except OverflowError:
+            return
+        if math.isfinite(seconds) and seconds > 0 and 0 < cap <= MAX_TERMS_SESSIONS:
+            forwarder.follow(seconds, cap)
 
 
 @hookimpl

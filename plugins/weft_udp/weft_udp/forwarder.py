@@ -52,6 +52,7 @@ MAX_DATAGRAM = 65535  # the largest UDP payload is 65,507 (IPv4) / 65,527 (IPv6)
 BATCH = 64  # datagrams read per wake-up of the listening socket
 LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (bursts of new visitors)
 SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending ICMP errors
+STATE_LOG_INTERVAL = 10.0  # at most one log line per this many seconds about the target's state
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
 
 # Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
@@ -220,6 +221,8 @@ class UdpForwarder:
         self._closed = False
         self._warned: set[str] = set()
         self._target_failing = False
+        self._state_logged = float("-inf")  # when the target's last change of state was logged
+        self._state_changes = 0  # changes since, not logged
         self._coalesce: asyncio.TimerHandle | None = None
         self.gso_sends = 0  # GSO sends that carried a run of datagrams (for tests and benches)
 
@@ -449,16 +452,11 @@ class UdpForwarder:
 
     def _open(self, key: Address, now: float) -> _Session | None:
         global _open_sessions
-        if _open_sessions >= max_total_sessions:
-            # A flood of (spoofable) source addresses over many routes is bounded here too.
+        sock = self._session_socket()
+        if sock is None and self._make_room():
+            sock = self._session_socket()
+        if sock is None:
             self.counters.failed += 1
-            self._warn(f"{max_total_sessions} UDP sessions open in this process: dropping new ones")
-            return None
-        try:
-            sock = self._dial_net.udp_socket(self.target[0])
-        except OSError as exc:  # EMFILE and the like: this visitor waits for a free slot
-            self.counters.failed += 1
-            self._warn(f"cannot open a session socket: {exc.strerror}")
             return None
         try:
             _grow_buffers(sock, SESSION_BUFFER)
@@ -479,6 +477,32 @@ class UdpForwarder:
         session.task = self._loop.create_task(self._pump_replies(session))
         return session
 
+    def _session_socket(self) -> socket.socket | None:
+        """A new socket towards the target, or None (said once in the log) if there is no room."""
+        if _open_sessions >= max_total_sessions:
+            # A flood of (spoofable) source addresses over many routes is bounded here too.
+            self._warn(f"{max_total_sessions} UDP sessions open in this process: dropping new ones")
+            return None
+        try:
+            return self._dial_net.udp_socket(self.target[0])
+        except OSError as exc:  # EMFILE and the like: this visitor waits for a free slot
+            self._warn(f"cannot open a session socket: {exc.strerror}")
+            return None
+
+    def _make_room(self) -> bool:
+        """On the tunnel side, close the least recently used session; whether there was one.
+
+        The tunnel side cannot refuse a visitor and keep its old sessions: the server has taken
+        the visitor in (evicting its own oldest when full), and a session kept here that the
+        server dropped could meet its port again with another visitor.
+        """
+        if self._allowed_source is None:
+            return False
+        evicted = self.sessions.evict_oldest()
+        for _, old in evicted:
+            self._close_session(old, "evicted")
+        return bool(evicted)
+
     # --- target -> peer ----------------------------------------------------------------------
 
     async def _pump_replies(self, session: _Session) -> None:
@@ -497,6 +521,12 @@ class UdpForwarder:
         counters = self.counters
         sessions = self.sessions
         key = session.key
+        # On the tunnel side (datagrams only from the server) a session stays alive only while
+        # the server sends on it: the server's kernel may give a port it closed to the next
+        # visitor, so this side must forget a session first. Replies that kept it here, from a
+        # service that talks on after the server closed its end, handed the old visitor's
+        # socket to the service to whoever got that port next.
+        refresh = self._allowed_source is None
         while True:
             try:
                 data, _ = await stream.recv()
@@ -514,7 +544,8 @@ class UdpForwarder:
             counters.bytes_out += n
             session.datagrams_out += 1
             session.bytes_out += n
-            sessions.touch(key, loop.time())
+            if refresh:
+                sessions.touch(key, loop.time())
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -566,12 +597,24 @@ class UdpForwarder:
         self.counters.dropped += 1
         if not self._target_failing:
             self._target_failing = True
-            log.warning("%s: %s did not take a datagram (%s); dropping until it answers",
-                        self.name, peer_name(self.target), exc.strerror or exc)
+            self._log_change(f"{peer_name(self.target)} did not take a datagram "
+                             f"({exc.strerror or exc}); dropping until it answers")
 
     def _target_answered(self) -> None:
         self._target_failing = False
-        log.warning("%s: %s answers again", self.name, peer_name(self.target))
+        self._log_change(f"{peer_name(self.target)} answers again")
+
+    def _log_change(self, message: str) -> None:
+        """Log a change of the target's state, at most one per STATE_LOG_INTERVAL: ICMP errors
+        can be forged, and a target flapping at packet rate must not flood the log. The changes
+        left out are counted in the next line (the drops are in the counters)."""
+        now = self._loop.time() if self._loop is not None else 0.0
+        if now - self._state_logged < STATE_LOG_INTERVAL:
+            self._state_changes += 1
+            return
+        more = f" ({self._state_changes} more changes left out)" if self._state_changes else ""
+        self._state_logged, self._state_changes = now, 0
+        log.warning("%s: %s%s", self.name, message, more)
 
     def _warn(self, message: str) -> None:
         # Once per kind of message: a flood must not flood the log as well.

@@ -129,6 +129,10 @@ class SessionTable(Generic[K, V]):
         self.max_sessions = max_sessions
         return self._evict_down_to(max_sessions)
 
+    def evict_oldest(self) -> list[tuple[K, V]]:
+        """Evict the least recently used session, if there is one; return it."""
+        return self._evict_down_to(len(self._entries) - 1)
+
     def _evict_down_to(self, count: int) -> list[tuple[K, V]]:
         """Evict the least recently used until at most `count` remain; return them."""
         evicted: list[tuple[K, V]] = []
