@@ -29,6 +29,7 @@ flood of new source ports costs at most `max_sessions` sockets.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -52,7 +53,9 @@ MAX_DATAGRAM = 65535  # the largest UDP payload is 65,507 (IPv4) / 65,527 (IPv6)
 BATCH = 64  # datagrams read per wake-up of the listening socket
 LISTEN_BUFFER = 4 * 1024 * 1024  # socket buffers of the listening socket (bursts of new visitors)
 SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending ICMP errors
-STATE_LOG_INTERVAL = 10.0  # at most one log line per this many seconds about the target's state
+# At most STATE_LOG_BURST log lines about the target's state per STATE_LOG_INTERVAL seconds.
+STATE_LOG_BURST = 4
+STATE_LOG_INTERVAL = 10.0
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
 
 # Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
@@ -221,8 +224,9 @@ class UdpForwarder:
         self._closed = False
         self._warned: set[str] = set()
         self._target_failing = False
-        self._state_logged = float("-inf")  # when the target's last change of state was logged
-        self._state_changes = 0  # changes since, not logged
+        self._state_logged: collections.deque[float] = collections.deque()  # when, lately
+        self._state_changes = 0  # changes of the target's state left out of the log since
+        self._state_summary: asyncio.TimerHandle | None = None
         self._coalesce: asyncio.TimerHandle | None = None
         self.gso_sends = 0  # GSO sends that carried a run of datagrams (for tests and benches)
 
@@ -605,16 +609,32 @@ class UdpForwarder:
         self._log_change(f"{peer_name(self.target)} answers again")
 
     def _log_change(self, message: str) -> None:
-        """Log a change of the target's state, at most one per STATE_LOG_INTERVAL: ICMP errors
-        can be forged, and a target flapping at packet rate must not flood the log. The changes
-        left out are counted in the next line (the drops are in the counters)."""
-        now = self._loop.time() if self._loop is not None else 0.0
-        if now - self._state_logged < STATE_LOG_INTERVAL:
+        """Log a change of the target's state: at most STATE_LOG_BURST lines per
+        STATE_LOG_INTERVAL, since ICMP errors can be forged and a target flapping at packet rate
+        must not flood the log. Changes left out are counted, and a line at the end of the
+        interval says the state they left (the drops themselves are in the counters)."""
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        recent = self._state_logged
+        while recent and recent[0] <= now - STATE_LOG_INTERVAL:
+            recent.popleft()
+        if len(recent) >= STATE_LOG_BURST:
             self._state_changes += 1
+            if self._state_summary is None and loop is not None:
+                self._state_summary = loop.call_at(recent[0] + STATE_LOG_INTERVAL,
+                                                   self._log_state)
             return
+        recent.append(now)
         more = f" ({self._state_changes} more changes left out)" if self._state_changes else ""
-        self._state_logged, self._state_changes = now, 0
+        self._state_changes = 0
         log.warning("%s: %s%s", self.name, message, more)
+
+    def _log_state(self) -> None:
+        self._state_summary = None
+        if self._state_changes and not self._closed:
+            target = peer_name(self.target)
+            self._log_change(f"{target} is not taking datagrams; dropping until it answers"
+                             if self._target_failing else f"{target} answers again")
 
     def _warn(self, message: str) -> None:
         # Once per kind of message: a flood must not flood the log as well.
@@ -633,6 +653,9 @@ class UdpForwarder:
         if self._coalesce is not None:
             self._coalesce.cancel()
             self._coalesce = None
+        if self._state_summary is not None:
+            self._state_summary.cancel()
+            self._state_summary = None
         if self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._listen.fileno())
