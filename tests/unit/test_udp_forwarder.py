@@ -38,7 +38,10 @@ class Echo:
             except BlockingIOError:
                 return
             self.peers.add(addr)
-            self.sock.sendto(data, addr)
+            self.answer(data, addr)
+
+    def answer(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sock.sendto(data, addr)
 
     def get_extra_info(self, name: str) -> tuple[str, int]:
         assert name == "sockname"
@@ -617,15 +620,9 @@ def test_socket_buffers_grow_past_the_sysctl_cap_as_root() -> None:
 class Pusher(Echo):
     """A service that, once asked, keeps talking: 40 datagrams, 50 ms apart."""
 
-    def _read(self) -> None:
-        while True:
-            try:
-                _, addr = self.sock.recvfrom(65535)
-            except BlockingIOError:
-                return
-            self.peers.add(addr)
-            for i in range(40):
-                self.loop.call_later(0.05 * i, self._send, addr)
+    def answer(self, data: bytes, addr: tuple[str, int]) -> None:
+        for i in range(40):
+            self.loop.call_later(0.05 * i, self._send, addr)
 
     def _send(self, addr: tuple[str, int]) -> None:
         with contextlib.suppress(OSError):
