@@ -440,7 +440,7 @@ def median_of_rounds(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def paired_ratios(rounds: list[dict[str, dict[str, Any]]], key: str) -> dict[str, Any]:
-    """Weft over each baseline within each round (measured minutes apart, in turns), with
+    """Weft over each baseline within each round (measured in turns, seconds apart), with
     their median and minimum: the ratios that count."""
     out: dict[str, Any] = {}
     for baseline in ("bare", "forwarded"):

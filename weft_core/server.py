@@ -39,7 +39,6 @@ log = logging.getLogger("weft.server")
 SERVER_PREFIX = "wefts"  # the server's WireGuard interface: wefts + random hex
 
 REAP_INTERVAL = 2.0
-MAX_LAST_PORTS = 10_000  # port-0 routes whose last port is remembered (see bind_public_port)
 MAX_PROGRESS = 300  # characters of a route's progress message (it goes out in health checks)
 
 
@@ -47,14 +46,13 @@ class RouteContext:
     """The `ServerContext` a plugin gets while it opens one route's public side."""
 
     def __init__(
-        self, server: Server, tunnel: TunnelRecord, forwarder_port: int, route: Route | None = None
+        self, server: Server, tunnel: TunnelRecord, forwarder_port: int, route: Route
     ) -> None:
         self._server = server
         self._tunnel = tunnel
-        self._route_key = "" if route is None else str(route.remote)
+        self._route_key = str(route.remote)
         # A port-0 route of a tunnel restarted under the same name gets its last port back.
-        self._sticky = None if route is None else (tunnel.realm, tunnel.name, str(route.local),
-                                                  route.remote.scheme)
+        self._sticky = (tunnel.realm, tunnel.name, str(route.local), route.remote.scheme)
         self.net: NetContext = HOST_NET
         self.wireguard_net: NetContext = HOST_NET
         self.bind_address = tunnel.realm
@@ -116,7 +114,7 @@ class Server:
         self.lock = asyncio.Lock()
         # The last port each route got, by (transport, host, realm, tunnel name, local URL,
         # scheme): a tunnel restarted under the same --name gets its ports back. Bounded, LRU.
-        self._last_ports = sticky_ports.StickyPorts(MAX_LAST_PORTS)
+        self._last_ports = sticky_ports.StickyPorts()  # see bind_public_port
 
     # --- start -------------------------------------------------------------------------------
 
@@ -285,7 +283,7 @@ class Server:
         return self.secrets.get(local_address) or auth.new_secret()
 
     def route_context(
-        self, tunnel: TunnelRecord, forwarder_port: int, route: Route | None = None
+        self, tunnel: TunnelRecord, forwarder_port: int, route: Route
     ) -> RouteContext:
         return RouteContext(self, tunnel, forwarder_port, route)
 

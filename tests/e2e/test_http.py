@@ -272,8 +272,10 @@ def test_a_tunnel_cut_off_reclaims_its_name_and_port_from_its_own_ghost(
                           "--tls-cert", cert, "--tls-key", key)
     urls = ready_urls(tunnel)
     assert curl(lab, "http://a.example.test/headers")[0] == 0
-    https = ["-k", "--resolve", f"s.example.test:443:{SERVER_IP}", "https://s.example.test/"]
-    assert curl(lab, *https)[0] == 0
+    https = ["-k", "--resolve", f"s.example.test:443:{SERVER_IP}",
+             "https://s.example.test/headers"]
+    code, out = curl(lab, *https)
+    assert code == 0 and "s.example.test" in out.lower(), out
 
     mark = tunnel.mark()
     lab.tunnel.link_down()
@@ -284,7 +286,8 @@ def test_a_tunnel_cut_off_reclaims_its_name_and_port_from_its_own_ghost(
     server.proc.wait_for_line(r"removed \(replaced by a new connection\)", timeout=5)
     code, out = curl(lab, "http://a.example.test/headers")
     assert code == 0 and "a.example.test" in out.lower(), out
-    assert curl(lab, *https)[0] == 0
+    code, out = curl(lab, *https)
+    assert code == 0 and "s.example.test" in out.lower(), out
     assert peer(lab.visitor, "stream", SERVER_IP, 15432, 20_000)["intact"] is True
 
 

@@ -339,9 +339,9 @@ def test_a_non_ascii_host_costs_no_idna_work_unless_a_name_here_is_international
         await writer.drain()
         writer.close()
 
-    async def ask(port: int, host: bytes) -> bytes:
+    async def ask(port: int, host: bytes, target: bytes = b"/") -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
         answer = await _read_response(reader)
         writer.close()
         return answer
@@ -350,6 +350,9 @@ def test_a_non_ascii_host_costs_no_idna_work_unless_a_name_here_is_international
         app, route, port = await _proxy_site(handler)
         long_label = ("\u00e9" * 60 + "x.example").encode()
         assert (await ask(port, long_label)).startswith(b"HTTP/1.1 404 ")
+        # ... also when the name is in an absolute target (the Host then names an ASCII one)
+        assert (await ask(port, b"a.example", b"http://" + long_label + b"/")).startswith(
+            b"HTTP/1.1 404 ")
         assert calls == []  # only ASCII names here: answered without looking
         site = route.site
         idn = vhost.VhostRoute(site, "xn--bcher-kva.example", "http", "t2", HOST_NET,

@@ -236,6 +236,10 @@ def test_following_the_servers_limits_closes_sessions_beyond_them_and_expires_so
                       {"idle_timeout": 5.0, "max_sessions": 10**30}):
             UdpProtocol().accept_terms(fwd, terms)
             assert fwd.idle_timeout == 0.75 and fwd.sessions.max_sessions == 9, terms
+        # A server with larger limits (after a reconnect) is followed from this tunnel's own
+        # limits (60 s, 10,000), not from the ones the last server set.
+        UdpProtocol().accept_terms(fwd, {"idle_timeout": 60.0, "max_sessions": 10_000})
+        assert fwd.idle_timeout == 58 and fwd.sessions.max_sessions == 9_900
         for sock in clients:
             sock.close()
         await fwd.close()

@@ -651,8 +651,11 @@ class Session(asyncio.Protocol):
             self._reply(exc.status, f"{exc.status} {exc.message}\n")
             return
         raw_host = request.host_header
-        if raw_host is not None and not self.site.idna and not raw_host.isascii():
-            self._reply(404, NOT_FOUND)  # no name here it could be: see Site._note_idna
+        if not self.site.idna and ((raw_host is not None and not raw_host.isascii())
+                                   or (request.target[:1] != "/" and not request.target.isascii())):
+            # A non-ASCII name (in Host, or in an absolute target's authority) cannot be any
+            # name here: its 404 without the IDNA work (see Site._note_idna).
+            self._reply(404, NOT_FOUND)
             return
         name = request.host
         if name is None:

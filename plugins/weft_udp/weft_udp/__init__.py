@@ -224,10 +224,9 @@ class UdpProtocol:
         """Follow the server's session limits (see `sessions.in_step`): a session the server
         has closed must be gone here before its port can come back for another visitor."""
         idle, cap = terms.get("idle_timeout"), terms.get("max_sessions")
-        # Numbers only (JSON true is an int to Python), finite, and in range: a value that
-        # cannot be a float (a 400-digit integer) raised here and broke the connection.
-        if isinstance(idle, bool) or not isinstance(idle, int | float) or \
-                isinstance(cap, bool) or not isinstance(cap, int):
+        # JSON numbers only (type(True) is bool, not int), finite and in range: a 400-digit
+        # integer cannot be a float, and raising here broke the tunnel's connection.
+        if type(cap) is not int or not isinstance(idle, int | float) or type(idle) is bool:
             return
         try:
             seconds = float(idle)

@@ -216,6 +216,7 @@ class UdpForwarder:
         self._dial_net = dial_net
         self.target = target
         self.sessions: SessionTable[Address, _Session] = SessionTable(idle_timeout, max_sessions)
+        self._own_limits = (idle_timeout, max_sessions)  # what `follow` lowers, from each time
         self._allowed_source = allowed_source
         self.counters = counters if counters is not None else Counters()
         self._on_close = on_close
@@ -242,8 +243,7 @@ class UdpForwarder:
     def follow(self, server_idle: float, server_max: int) -> None:
         """Adopt limits that make this (tunnel-side) forwarder forget sessions before the
         server's does (`sessions.in_step`); sessions beyond the new cap close at once."""
-        idle, cap = in_step(self.sessions.idle_timeout, self.sessions.max_sessions,
-                            server_idle, server_max)
+        idle, cap = in_step(*self._own_limits, server_idle, server_max)
         for _, session in self.sessions.limit(idle, cap):
             self._close_session(session, "evicted")
         if self._sweeper is not None and not self._closed:  # a shorter timeout sweeps sooner
@@ -498,7 +498,9 @@ class UdpForwarder:
 
         The tunnel side cannot refuse a visitor and keep its old sessions: the server has taken
         the visitor in (evicting its own oldest when full), and a session kept here that the
-        server dropped could meet its port again with another visitor.
+        server dropped could meet its port again with another visitor. (Out of descriptors, the
+        closed session's one is free only on the loop's next turn: the retry may still fail, and
+        the next newcomer gets it.)
         """
         if self._allowed_source is None:
             return False
