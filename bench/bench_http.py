@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netns import Lab, wait_tcp_port
 from weftlab import SERVER_IP, start_server, start_tunnel, wireguard_listeners
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tcp import process_times
+
 NAME = "bench.example.test"
 BASELINE_PORT = 8000
 
@@ -87,7 +90,23 @@ def nginx(host: object, prefix: Path, body: str, name: str) -> None:
                name=name)
 
 
-def wrk(lab: Lab, url: str, duration: int, connections: int) -> dict[str, float]:
+def nginx_pids(prefix: Path) -> list[int]:
+    """The nginx master and its workers (the proxying happens in the worker)."""
+    master = int((prefix / "nginx.pid").read_text())
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [master, *map(int, children)]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(sum(process_times(pid)) for pid in pids)
+
+
+def wrk(lab: Lab, url: str, duration: int, connections: int,
+        proxy: list[int] | None = None) -> dict[str, float]:
+    """One wrk run; with `proxy` (the server-side proxy's processes), also the CPU they spent
+    per request: far steadier than requests per second on a shared machine, since it does not
+    depend on the share of the cores the proxy got."""
+    before = cpu_seconds(proxy) if proxy else 0.0
     out = lab.visitor.check(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
                              "-H", f"Host: {NAME}", url], timeout=duration + 60)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -99,8 +118,10 @@ def wrk(lab: Lab, url: str, duration: int, connections: int) -> dict[str, float]
         return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu_us = (cpu_seconds(proxy) - before) * 1e6 / done if proxy and done else 0.0
     return {"rps": rps, "p50": pct("50"), "p99": pct("99"),
-            "errors": float(errors.group(1)) if errors else 0.0}
+            "errors": float(errors.group(1)) if errors else 0.0, "cpu_us": cpu_us}
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -142,6 +163,7 @@ def main() -> int:
                 target=f"{wg_addr}:{fwd_port}", ip=SERVER_IP, port=BASELINE_PORT, name=NAME),
                 "nginx-proxy")
             wait_tcp_port(lab.visitor, SERVER_IP, BASELINE_PORT)
+            proxies = {"weft": [server.proc.pid], "nginx": nginx_pids(work / "proxy")}
 
             weft_url = f"http://{SERVER_IP}/1k"
             nginx_url = f"http://{SERVER_IP}:{BASELINE_PORT}/1k"
@@ -152,7 +174,8 @@ def main() -> int:
             for i in range(max(args.rounds, 1)):
                 order = (("weft", weft_url), ("nginx", nginx_url))
                 for side, url in order if i % 2 == 0 else order[::-1]:
-                    runs[side].append(wrk(lab, url, args.duration, args.connections))
+                    runs[side].append(wrk(lab, url, args.duration, args.connections,
+                                          proxies[side]))
             load_after = os.getloadavg()[0]
             weft, base = median_run(runs["weft"]), median_run(runs["nginx"])
             big_weft = download(lab.visitor, f"http://{SERVER_IP}/big")
@@ -166,14 +189,17 @@ def main() -> int:
           f"median of {rounds} alternating runs each (load average {load_before:.2f} before, "
           f"{load_after:.2f} after):")
     for i, (w, b) in enumerate(zip(runs["weft"], runs["nginx"], strict=True)):
-        print(f"  round {i + 1}: weft {w['rps']:.0f} req/s p99 {w['p99']:.2f} ms, nginx "
-              f"{b['rps']:.0f} req/s p99 {b['p99']:.2f} ms, ratio {w['rps'] / b['rps']:.2f}")
+        print(f"  round {i + 1}: weft {w['rps']:.0f} req/s p99 {w['p99']:.2f} ms "
+              f"{w['cpu_us']:.1f} us CPU/req, nginx {b['rps']:.0f} req/s p99 {b['p99']:.2f} ms "
+              f"{b['cpu_us']:.1f} us CPU/req, ratio {w['rps'] / b['rps']:.2f}")
     print(f"  {'':<28} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for label, r in (("weft virtual host", weft), ("nginx reverse proxy", base)):
         print(f"  {label:<28} {r['rps']:>10.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
               f"{r['errors']:>8.0f}")
     print(f"  ratio weft/nginx: req/s {weft['rps'] / base['rps']:.2f} (goal >= 0.90), "
           f"p99 {weft['p99'] / base['p99']:.2f} (goal <= 2.0)")
+    print(f"  server-side proxy CPU per request (user+sys, median): weft server "
+          f"{weft['cpu_us']:.1f} us, nginx {base['cpu_us']:.1f} us")
     print(f"\n{args.big_mib} MiB download (Mbit/s):")
     print(f"  weft virtual host {big_weft:.0f}, nginx reverse proxy {big_nginx:.0f}, "
           f"straight over WireGuard from the server {big_wg:.0f}")

@@ -103,6 +103,10 @@ def run_http(quick: bool) -> dict[str, Any]:
         result.stdout,
     )
     answer: dict[str, Any] = {"weft": weft, "nginx": nginx}
+    cpu = re.search(r"CPU per request \(user\+sys, median\): weft server ([\d.]+) us, "
+                    r"nginx ([\d.]+) us", result.stdout)
+    if cpu:
+        answer["proxy_cpu_us"] = {"weft": float(cpu.group(1)), "nginx": float(cpu.group(2))}
     if big:
         answer["download_mbit_s"] = dict(
             zip(("weft", "nginx", "wireguard"), map(float, big.groups()), strict=True)
@@ -225,6 +229,20 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     r is not None and r <= 2.0,
                 )
             )
+            cpu = http.get("proxy_cpu_us")
+            if cpu:
+                out.append(
+                    Row(
+                        "HTTP proxy CPU per request",
+                        "us",
+                        cpu["weft"],
+                        cpu["nginx"],
+                        "nginx",
+                        _ratio(cpu["weft"], cpu["nginx"]),
+                        "reported",
+                        None,
+                    )
+                )
     udp = results.get("udp")
     if udp:
         if "error" in udp:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from weft_core import auth, sticky_ports
+from weft_core.control import api as api_module
 from weft_core.control.api import ControlApi
 from weft_core.control.http import Message, read_message, render_request
 from weft_core.errors import ApiError
@@ -749,6 +750,60 @@ def test_refused_routes_say_why(
         got, body = await h.call(request("POST", "/routes", route, token))
         assert_error(got, body, status, code)
         assert needle in body["message"]
+
+    run(tmp_path, test)
+
+
+def test_a_tunnel_publishes_at_most_its_share_of_routes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each route pins server memory (its options, a listener): one tunnel cannot take it all.
+    monkeypatch.setattr(api_module, "MAX_ROUTES_PER_TUNNEL", 3)
+
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1))
+        ids = []
+        for n in range(3):
+            route = {"local": f"tcp://127.0.0.1:{n + 1}", "remote": "tcp://:0",
+                     "forwarder_port": 40000}
+            status, body = await h.call(request("POST", "/routes", route, token))
+            assert status == 201, body
+            ids.append(body["id"])
+        fourth = {"local": "tcp://127.0.0.1:9", "remote": "tcp://:0", "forwarder_port": 40000}
+        status, body = await h.call(request("POST", "/routes", fourth, token))
+        assert_error(status, body, 409, "too_many_routes")
+        assert "at most 3 routes" in body["message"]
+        # Replacing one of its own routes is not a new one; closing one makes room.
+        again = {"local": "tcp://127.0.0.1:1", "remote": "tcp://:0", "forwarder_port": 40000}
+        status, body = await h.call(request("POST", "/routes", again, token))
+        assert status == 201, body
+        status, _ = await h.call(request("DELETE", f"/routes/{ids[1]}", None, token))
+        assert status == 200
+        status, body = await h.call(request("POST", "/routes", fourth, token))
+        assert status == 201, body
+        # The limit is per tunnel: another tunnel still publishes.
+        other = await h.login("t-two")
+        await h.connect(other, wg_key(2))
+        status, body = await h.call(request("POST", "/routes", fourth, other))
+        assert status == 201, body
+
+    run(tmp_path, test)
+
+
+def test_a_routes_options_are_bounded(tmp_path: Path) -> None:
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1))
+        route = {"local": "tcp://127.0.0.1:1", "remote": "tcp://:0", "forwarder_port": 40000,
+                 "options": {"note": "x" * api_module.MAX_ROUTE_OPTIONS}}
+        status, body = await h.call(request("POST", "/routes", route, token))
+        assert_error(status, body, 413, "options_too_large")
+        record = h.server.registry.get("t-one")
+        assert record is not None and not record.routes
+        route["options"] = {"note": "x" * 1000}
+        status, body = await h.call(request("POST", "/routes", route, token))
+        assert status == 201, body
 
     run(tmp_path, test)
 

@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import ipaddress
+import json
 import logging
 import re
 import time
@@ -45,6 +46,11 @@ MAX_AVOID = 16  # addresses a tunnel may ask /connect not to hand out
 MAX_CONNECTIONS_PER_SOURCE = 512  # tunnels behind one NAT share an address: be generous
 TIMEOUT = ApiError(408, "timeout", "the request took too long")
 MAX_NAME = 64
+# One tunnel's routes and what each keeps: the server holds a route's options for its lifetime
+# (for reclaiming and listing), so without bounds one authenticated tunnel could pin as much
+# server memory as it cared to send. Far above use: a --tls-secret chain and key are ~5-20 KB.
+MAX_ROUTES_PER_TUNNEL = 256
+MAX_ROUTE_OPTIONS = 64 * 1024  # bytes of a route's options, as JSON
 TUNNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -344,6 +350,9 @@ class ControlApi:
             raise ApiError(400, "bad_url", exc.message) from None
         if not isinstance(route.options, dict):
             raise ApiError(400, "bad_request", "field 'options' must be an object")
+        if len(json.dumps(route.options)) > MAX_ROUTE_OPTIONS:
+            raise ApiError(413, "options_too_large",
+                           f"the route's options exceed {MAX_ROUTE_OPTIONS} bytes")
         forwarder_port = _int(body, "forwarder_port")
         try:
             protocol = self.server.plugins.protocol(route.remote.scheme)
@@ -361,6 +370,10 @@ class ControlApi:
                 )
                 if same or (route.remote.port and old.published.remote == route.remote):
                     await server.close_route(record, route_id)
+            if len(record.routes) + record.pending >= MAX_ROUTES_PER_TUNNEL:
+                raise ApiError(409, "too_many_routes",
+                               f"a tunnel may publish at most {MAX_ROUTES_PER_TUNNEL} routes; "
+                               f"close some, or split them over several tunnels")
             record.pending += 1  # busy, not silent: the reaper leaves it alone meanwhile
         # Opening may take long (an ACME order): never hold the lock for other tunnels meanwhile.
         key = str(route.remote)
