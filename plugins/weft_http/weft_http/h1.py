@@ -67,6 +67,7 @@ Headers = tuple[tuple[str, str], ...]
 # exactly what is wrong, and is kept re-rendered in that canonical form.
 _CLEAN_FIELDS_RE = re.compile(rb"(?:" + _TCHARS + rb"++:[^" + _CTLS[1:-1] + rb"]*+\r\n)*+\r\n\Z")
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_CHUNK_PLAIN_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")  # a size line with no extension
 _CTL_RE = re.compile(_CTLS)
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HOSTS: dict[str, str | None] = {}  # Host header -> normalize_host(it), a small cache
@@ -470,6 +471,10 @@ class BodyTracker:
     trailers) and forwarded unchanged.
     """
 
+    # Whole chunks that arrived in one read (`HEX CRLF data CRLF`) are stepped over in one go;
+    # False sends every line through the line-by-line checks (the tests compare the two).
+    fast_chunks = True
+
     def __init__(self, framing: Framing) -> None:
         self.framing = framing
         self.done = framing.kind == "none" or (framing.kind == "length" and framing.length == 0)
@@ -495,7 +500,21 @@ class BodyTracker:
         # Lines are found in place: copying the rest of the read for each line would make a body
         # of tiny chunks cost the square of the read's size.
         pos, end = 0, len(data)
+        plain = _CHUNK_PLAIN_RE.match if self.fast_chunks else None
         while pos < end and not self.done:
+            if plain is not None and self._state == "size" and not self._line:
+                # A whole chunk with a plain size line costs one match, not two lines' checks:
+                # a body of tiny chunks cost ~4 us of server CPU per chunk that way. It accepts
+                # exactly what the line-by-line path accepts; anything else goes through it.
+                m = plain(data, pos)
+                if m is not None:
+                    size = int(m[1], 16)
+                    after = m.end() + size
+                    if size and after + 2 <= end:
+                        if data[after:after + 2] != b"\r\n":
+                            raise ParseError(400, "missing CRLF after chunk data")
+                        pos = after + 2
+                        continue
             if self._state == "data":
                 take = min(end - pos, self._remaining)
                 pos += take
