@@ -23,6 +23,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -90,11 +91,21 @@ def nginx(host: object, prefix: Path, body: str, name: str) -> None:
                name=name)
 
 
-def nginx_pids(prefix: Path) -> list[int]:
-    """The nginx master and its workers (the proxying happens in the worker)."""
-    master = int((prefix / "nginx.pid").read_text())
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return [master, *map(int, children)]
+def nginx_pids(prefix: Path, timeout: float = 10.0) -> list[int]:
+    """The nginx master and its worker (the proxying happens in the worker). The master
+    accepts connections before it has written its pid file or forked the worker: wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            master = int((prefix / "nginx.pid").read_text())
+            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        except (OSError, ValueError):
+            children = []
+        if children:
+            return [master, *map(int, children)]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nginx in {prefix} has no worker process after {timeout} s")
+        time.sleep(0.05)
 
 
 def cpu_seconds(pids: list[int]) -> float:

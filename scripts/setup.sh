@@ -76,12 +76,17 @@ base_python() {  # usage: base_python EXECUTABLE -> the real interpreter behind 
     "$1" -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))'
 }
 
-if [ -x "$VENV/bin/python" ] && ! python_ok "$VENV/bin/python"; then
+if [ -e "$VENV" ] && ! python_ok "$VENV/bin/python"; then
+    # also a venv whose interpreter is gone (a removed pyenv version leaves a dangling link)
     say "removing broken or too old virtual environment $VENV"
     rm -rf "$VENV"
 elif [ -x "$VENV/bin/python" ] && [ "$(base_python "$VENV/bin/python")" != "$(base_python "$PYTHON")" ]; then
-    say "re-creating $VENV on $PYTHON (it was on $(base_python "$VENV/bin/python"))"
-    rm -rf "$VENV"
+    if [ -z "${WEFT_VENV:-}" ] || [ -n "${WEFT_PYTHON:-}" ]; then
+        say "re-creating $VENV on $PYTHON (it was on $(base_python "$VENV/bin/python"))"
+        rm -rf "$VENV"
+    else  # a virtual environment the user chose: theirs to re-create
+        say "note: $VENV runs on $(base_python "$VENV/bin/python"), not $PYTHON (see WEFT_PYTHON)"
+    fi
 fi
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtual environment $VENV with $PYTHON ($("$PYTHON" --version 2>&1))"

@@ -791,6 +791,54 @@ def test_a_tunnel_publishes_at_most_its_share_of_routes(
     run(tmp_path, test)
 
 
+def test_publishes_waiting_together_cannot_pass_the_route_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A route that finished opening but is not yet in the tunnel's table still counts: a
+    publish queued on the server's lock meanwhile is refused."""
+    monkeypatch.setattr(api_module, "MAX_ROUTES_PER_TUNNEL", 1)
+
+    async def test(h: Harness) -> None:
+        token = await h.login("t-one")
+        await h.connect(token, wg_key(1))
+        protocol = h.server.plugins.protocol("tcp")
+        opening = asyncio.Event()
+        real = protocol.open_server_endpoint
+
+        async def slow_open(route: Any, ctx: Any) -> Any:
+            await opening.wait()  # an ACME order, say
+            return await real(route, ctx)
+
+        monkeypatch.setattr(protocol, "open_server_endpoint", slow_open)
+        record = h.server.registry.get("t-one")
+        assert record is not None
+
+        def publish(n: int) -> asyncio.Task[tuple[int, Any]]:
+            route = {"local": f"tcp://127.0.0.1:{n}", "remote": "tcp://:0",
+                     "forwarder_port": 40000}
+            return asyncio.ensure_future(h.call(request("POST", "/routes", route, token)))
+
+        first = publish(1)
+        for _ in range(100):  # loop turns, not time: until the first one is opening
+            if record.pending:
+                break
+            await asyncio.sleep(0)
+        assert record.pending == 1
+        await h.server.lock.acquire()  # other work holds the server's lock a while
+        second = publish(2)
+        for _ in range(20):
+            await asyncio.sleep(0)  # the second waits for the lock; the first finishes opening
+        opening.set()
+        for _ in range(20):
+            await asyncio.sleep(0)  # ... and waits for the lock behind the second
+        h.server.lock.release()
+        answers = await asyncio.gather(first, second)
+        assert sorted(status for status, _ in answers) == [201, 409], answers
+        assert len(record.routes) == 1 and record.pending == 0
+
+    run(tmp_path, test)
+
+
 def test_a_routes_options_are_bounded(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
         token = await h.login("t-one")

@@ -126,7 +126,9 @@ def _chunked_body(rng: random.Random) -> bytes:
     for _ in range(rng.randrange(0, 6)):
         size = rng.choice([1, 2, 5, 16, 255, 4096, rng.randrange(1, 40)])
         digits = f"{size:x}" if rng.random() < 0.5 else f"{size:X}"
-        ext = rng.choice([b"", b"", b";a=b", b" ;x", b"\t;q=\"v\""])
+        # leading zeros up to and past the 16 digits a size may have
+        digits = "0" * rng.choice([0, 0, 0, 1, 15 - len(digits), 16 - len(digits)]) + digits
+        ext = rng.choice([b"", b"", b"", b";a=b", b" ;x", b"\t;q=\"v\"", b" ", b"\t"])
         data = bytes(rng.choice(b"ab\r\n0;") for _ in range(size))
         out.append(digits.encode() + ext + b"\r\n" + data + b"\r\n")
     out.append(b"0\r\n" + rng.choice([b"", b"T: v\r\n"]) + b"\r\n")

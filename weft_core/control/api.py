@@ -378,24 +378,28 @@ class ControlApi:
         # Opening may take long (an ACME order): never hold the lock for other tunnels meanwhile.
         key = str(route.remote)
         try:
-            ctx = server.route_context(record, forwarder_port, route)
-            published = await protocol.open_server_endpoint(route, ctx)
+            try:
+                ctx = server.route_context(record, forwarder_port, route)
+                published = await protocol.open_server_endpoint(route, ctx)
+            finally:
+                record.progress.pop(key, None)
+                record.last_seen = time.time()
+            async with server.lock:
+                if server.registry.get(record.id) is not record:
+                    await published.endpoint.close()
+                    raise ApiError(404, "unknown_tunnel", "the tunnel went away while publishing")
+                route_id = new_route_id()
+                record.routes[route_id] = RouteRecord(
+                    id=route_id,
+                    route=route,
+                    published=published,
+                    forwarder_port=forwarder_port,
+                    opened_at=time.time(),
+                )
         finally:
+            # Only once the route is in record.routes (or failed): counted in one or the other
+            # all along, so publishes queued on the lock cannot pass the route limit together.
             record.pending -= 1
-            record.progress.pop(key, None)
-            record.last_seen = time.time()
-        async with server.lock:
-            if server.registry.get(record.id) is not record:
-                await published.endpoint.close()
-                raise ApiError(404, "unknown_tunnel", "the tunnel went away while publishing")
-            route_id = new_route_id()
-            record.routes[route_id] = RouteRecord(
-                id=route_id,
-                route=route,
-                published=published,
-                forwarder_port=forwarder_port,
-                opened_at=time.time(),
-            )
         server.plugins.call_each(
             "weft_route_published",
             tunnel_name=record.name,
