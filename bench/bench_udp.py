@@ -1,7 +1,7 @@
 """UDP through Weft against bare WireGuard between the same namespaces, in the same run.
 
-    sudo /opt/weft-venv/bin/python bench/bench_udp.py [--seconds 4] [--rounds 2] [--json]
-    /opt/weft-venv/bin/python bench/bench_udp.py --cpu [--count 300000] [--size 1400]
+    sudo .venv/bin/python bench/bench_udp.py [--seconds 4] [--rounds 2] [--json]
+    .venv/bin/python bench/bench_udp.py --cpu [--count 300000] [--size 1400]
 
 Builds its own namespace lab (tests/netns.py) and measures with iperf3 -u over three paths to
 the tunnel host, all set up at once and measured in turns (rate by rate, the order reversed every

@@ -1,6 +1,6 @@
 """Where the CPU goes in the TCP bulk scenario: per-process CPU, and py-spy on the weft relays.
 
-    sudo /opt/weft-venv/bin/python bench/profile_bulk.py [--seconds 8] [--streams 1]
+    sudo .venv/bin/python bench/profile_bulk.py [--seconds 8] [--streams 1]
 
 Builds the same lab as bench/bench_tcp.py, runs iperf3 through Weft, and meanwhile samples the
 weft server and tunnel with py-spy (pip install 'weft[bench]'). Prints the CPU seconds each

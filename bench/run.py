@@ -1,6 +1,6 @@
 """The Weft benchmark: one command, every scenario against its baseline in the same run.
 
-    sudo /opt/weft-venv/bin/python bench/run.py [--quick] [--only bulk,latency,...] [--json FILE]
+    sudo .venv/bin/python bench/run.py [--quick] [--only bulk,latency,...] [--json FILE]
 
 Scenarios (ratios are Weft divided by the baseline; goals from issue 7):
 

@@ -1,6 +1,6 @@
 """CPU of weft_http's own Python per proxied request, without sockets (no root, no lab).
 
-    /opt/weft-venv/bin/python bench/vhost_cpu.py [--requests 100000] [--runs 3] [--profile]
+    .venv/bin/python bench/vhost_cpu.py [--requests 100000] [--runs 3] [--profile]
 
 Drives one visitor `Session` and its `Upstream` of `weft_http.vhost` through keep-alive requests:
 a GET head in, an nginx-like 1 KiB answer back, with transports that only count writes, on the
