@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import resource
 import subprocess
@@ -413,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "load_before": load(),
         "quick": args.quick,
+        # Weft's processes run on this interpreter; its build moves their Python time by ~25%
+        # (docs/operations.md, "Which Python"), so the figures name it.
+        "python": f"{platform.python_version()} ({os.path.realpath(sys.executable)})",
         "settings": attrs.asdict(settings),
     }
     started = time.monotonic()
@@ -432,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Weft benchmark{' (--quick: tiny setting, figures are not meaningful)' * args.quick}; "
         f"load average {results['load_before']} before, {results['load_after']} after; "
-        f"{results['seconds']} s"
+        f"{results['seconds']} s; Python {results['python']}"
     )
     print(table(all_rows))
     text = json.dumps(results)
