@@ -115,8 +115,9 @@ def cpu_seconds(pids: list[int]) -> float:
 def wrk(lab: Lab, url: str, duration: int, connections: int,
         proxy: list[int] | None = None) -> dict[str, float]:
     """One wrk run; with `proxy` (the server-side proxy's processes), also the CPU they spent
-    per request: far steadier than requests per second on a shared machine, since it does not
-    depend on the share of the cores the proxy got."""
+    per request. Each side's figure still moves with the machine's load, but weft's as a
+    multiple of nginx's in the same run moves far less than the req/s ratio, which depends on
+    the share of the two cores each proxy got."""
     before = cpu_seconds(proxy) if proxy else 0.0
     out = lab.visitor.check(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
                              "-H", f"Host: {NAME}", url], timeout=duration + 60)
