@@ -32,7 +32,7 @@ from netns import Lab, wait_tcp_port
 from weftlab import SERVER_IP, start_server, start_tunnel, wireguard_listeners
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tcp import process_times
+from bench_tcp import process_cpu_seconds
 
 NAME = "bench.example.test"
 BASELINE_PORT = 8000
@@ -108,17 +108,13 @@ def nginx_pids(prefix: Path, timeout: float = 10.0) -> list[int]:
         time.sleep(0.05)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    return sum(sum(process_times(pid)) for pid in pids)
-
-
 def wrk(lab: Lab, url: str, duration: int, connections: int,
         proxy: list[int] | None = None) -> dict[str, float]:
     """One wrk run; with `proxy` (the server-side proxy's processes), also the CPU they spent
     per request. Each side's figure still moves with the machine's load, but weft's as a
     multiple of nginx's in the same run moves far less than the req/s ratio, which depends on
     the share of the two cores each proxy got."""
-    before = cpu_seconds(proxy) if proxy else 0.0
+    before = sum(map(process_cpu_seconds, proxy)) if proxy else 0.0
     out = lab.visitor.check(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
                              "-H", f"Host: {NAME}", url], timeout=duration + 60)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -131,7 +127,9 @@ def wrk(lab: Lab, url: str, duration: int, connections: int,
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    cpu_us = (cpu_seconds(proxy) - before) * 1e6 / done if proxy and done else 0.0
+    cpu_us = 0.0
+    if proxy and done:
+        cpu_us = (sum(map(process_cpu_seconds, proxy)) - before) * 1e6 / done
     return {"rps": rps, "p50": pct("50"), "p99": pct("99"),
             "errors": float(errors.group(1)) if errors else 0.0, "cpu_us": cpu_us}
 

@@ -444,11 +444,11 @@ def paired_ratios(rounds: list[dict[str, dict[str, Any]]], key: str) -> dict[str
     their median and minimum: the ratios that count."""
     out: dict[str, Any] = {}
     for baseline in ("bare", "forwarded"):
-        ratios = [r["weft"][key] / r[baseline][key] for r in rounds
+        values = [r["weft"][key] / r[baseline][key] for r in rounds
                   if key in r["weft"] and r[baseline].get(key)]
-        out[baseline] = {"rounds": ratios,
-                         "median": statistics.median(ratios) if ratios else None,
-                         "min": min(ratios) if ratios else None}
+        out[baseline] = {"rounds": values,
+                         "median": statistics.median(values) if values else None,
+                         "min": min(values) if values else None}
     return out
 
 
@@ -505,6 +505,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
           f"({top.get('tunnel_per_wakeup')} per wake-up); load average "
           f"{results['loadavg_before'][0]:.2f} before, {results['loadavg_after'][0]:.2f} after")
     print(f"visitor's route to Weft's address at the end: {results['visitor_route_to_weft']}")
+
 
 if __name__ == "__main__":
     sys.exit(main())
