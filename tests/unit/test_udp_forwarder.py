@@ -288,9 +288,10 @@ def test_an_icmp_error_met_on_send_counts_one_drop_and_still_sends() -> None:
         sock.send(b"lost")  # nothing listens: an ICMP port unreachable comes back
         await until(lambda: bool(select.select([sock], [], [], 0)[0]))  # the error is pending
         transport, echo = await start_echo(port)  # the service is back
-        # The send path of a batch: datagram (offset 0, size 5) of the shared buffer.
+        # The send path of a batch: a datagram in the shared buffer.
         forwarder_module._view[:5] = b"again"
-        assert fwd._send_each(sock, [0, 5], 0, 2) == (1, 5)  # the error is met, then it goes
+        sent = fwd._send_each(sock, [forwarder_module._view[:5]], 0, 1)
+        assert sent == (1, 5)  # the error is met, then it goes
         assert fwd.counters.dropped == 1
         await until(lambda: len(echo.peers) == 1)
         transport.close()
@@ -711,6 +712,137 @@ def test_a_flapping_target_is_logged_a_few_times_per_interval(
         last = caplog.records[-1].getMessage()
         assert "is not taking datagrams" in last and "997 more changes left out" in last, last
         await fwd.close()
+        transport.close()
+
+    run(main())
+
+
+# --- frames over the WireGuard link (weft_udp.frames) --------------------------------------
+
+WG_PAYLOAD = 1392  # what fits one packet inside WireGuard (MTU 1,420); loopback's is 65,507
+
+
+def test_towards_the_tunnel_datagrams_travel_in_frames_that_fit_a_packet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's session socket sends frames no larger than the path's packets (a 1,400-byte
+    datagram sent as it is would be two IP fragments inside WireGuard), and they join back into
+    the very datagrams, in order."""
+    from weft_udp.frames import Budget, Reassembly
+
+    monkeypatch.setattr(forwarder_module, "path_payload", lambda sock: WG_PAYLOAD)
+
+    async def main() -> None:
+        sink = Sink()
+        fwd = forwarder(sink.address, frame_target=True)
+        await fwd.start()
+        sock = sender(fwd.address)
+        sizes = [1400] * 100 + [64] * 50 + [0, 8000, 65507, 1]
+        payloads = [(b"%d|" % i + os.urandom(size))[:size] for i, size in enumerate(sizes)]
+        for payload in payloads:
+            sock.send(payload)
+        await until(lambda: fwd.counters.datagrams_in == len(payloads))
+        frames: list[bytes] = []
+        await until(lambda: sum(len(f) for f in sink.got.get(fwd_peer(sink), [])) >= sum(sizes))
+        frames = sink.got[fwd_peer(sink)]
+        assert max(map(len, frames)) <= WG_PAYLOAD
+        # 100 datagrams of 1,400 bytes took about 100 packets, not 200 fragments.
+        assert len(frames) < 100 + 5 + (8000 + 65507) // (WG_PAYLOAD - 10) + 2
+        joined: list[memoryview | bytes] = []
+        reassembly = Reassembly(Budget(1 << 20))
+        assert sum(reassembly.feed(memoryview(f), joined) for f in frames) == 0
+        assert [bytes(d) for d in joined] == payloads
+        assert fwd.counters.bytes_in == sum(sizes) and fwd.counters.dropped == 0
+        assert fwd.gso_sends > 0  # runs of full frames went in one send each
+        sock.close()
+        await fwd.close()
+        sink.close()
+
+    run(main())
+
+
+def fwd_peer(sink: Sink) -> tuple[str, int]:
+    """The one address the sink has heard from (the forwarder's session socket)."""
+    return next(iter(sink.got), ("", 0))
+
+
+def test_server_and_tunnel_forwarders_carry_both_ways_in_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """visitor -> server side (frames out) -> tunnel side (frames in) -> echo service, and the
+    replies back the same way: each visitor gets its own datagrams back, whole and in order."""
+    monkeypatch.setattr(forwarder_module, "path_payload", lambda sock: WG_PAYLOAD)
+
+    async def main() -> None:
+        transport, echo = await start_echo()
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # room for the whole burst
+            echo.sock.setsockopt(socket.SOL_SOCKET, option, 8 << 20)
+        tunnel = forwarder(transport.get_extra_info("sockname"), allowed_source=LO,
+                           frame_peers=True, frame_size=WG_PAYLOAD)
+        await tunnel.start()
+        server = forwarder(tunnel.address, frame_target=True)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        sizes = [1400] * 60 + [0, 64, 1392, 1393, 8000, 65507] + [200] * 30
+        visitors = [client() for _ in range(3)]
+        for sock in visitors:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        got: dict[int, list[bytes]] = {v: [] for v in range(3)}
+
+        def reader(v: int, sock: socket.socket) -> Callable[[], None]:
+            def read() -> None:
+                while True:
+                    try:
+                        got[v].append(sock.recv(65535))
+                    except BlockingIOError:
+                        return
+            return read
+
+        sent: dict[int, list[bytes]] = {}
+        for v, sock in enumerate(visitors):
+            loop.add_reader(sock.fileno(), reader(v, sock))
+            sent[v] = [(b"%d:%d|" % (v, i) + os.urandom(s))[:s] for i, s in enumerate(sizes)]
+        for i in range(len(sizes)):  # interleaved, back to back
+            for v, sock in enumerate(visitors):
+                sock.sendto(sent[v][i], server.address)
+        await until(lambda: all(len(got[v]) == len(sizes) for v in range(3)))
+        assert got == sent
+        for fwd in (server, tunnel):
+            c = fwd.counters
+            assert (c.datagrams_in, c.datagrams_out, c.dropped) == (3 * len(sizes),) * 2 + (0,)
+            assert c.bytes_in == c.bytes_out == 3 * sum(sizes)
+        assert len(echo.peers) == 3
+        for sock in visitors:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        await server.close()
+        await tunnel.close()
+        transport.close()
+        assert forwarder_module._joining.used == 0
+
+    run(main())
+
+
+def test_a_tunnel_side_taking_frames_drops_plain_datagrams_and_counts_them() -> None:
+    async def main() -> None:
+        transport, echo = await start_echo()
+        tunnel = forwarder(transport.get_extra_info("sockname"), allowed_source=LO,
+                           frame_peers=True)
+        await tunnel.start()
+        sock = client()
+        assert await exchange(sock, tunnel.address, b"plain datagram", timeout=0.3) is None
+        await until(lambda: tunnel.counters.dropped == 1)
+        assert echo.peers == set()
+        # A server that does not know frames (its terms say nothing of them): datagrams as
+        # they come.
+        UdpProtocol().accept_terms(tunnel, {"idle_timeout": 60.0, "max_sessions": 10_000})
+        assert not tunnel.frame_peers
+        assert await exchange(sock, tunnel.address, b"plain datagram") == b"plain datagram"
+        UdpProtocol().accept_terms(tunnel, {"idle_timeout": 60.0, "max_sessions": 10_000,
+                                            "frames": 1})
+        assert tunnel.frame_peers
+        sock.close()
+        await tunnel.close()
         transport.close()
 
     run(main())

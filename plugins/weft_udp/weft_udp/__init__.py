@@ -42,6 +42,7 @@ DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_MAX_TOTAL = 100_000
 DEFAULT_COALESCE_MS = 1.0
 MAX_TERMS_SESSIONS = 10**9  # a server's cap beyond this is not a cap to follow
+FRAMES_VERSION = 1  # the format of weft_udp.frames, as the tunnel asks for it and the server agrees
 
 
 def _positive_float(text: str) -> float:
@@ -137,6 +138,9 @@ async def _start_forwarder(
     idle_timeout: float,
     on_close: Callable[[ConnectionSummary], None],
     allowed_source: str | None = None,
+    frame_target: bool = False,
+    frame_peers: bool = False,
+    frame_size: int = forwarder_module.DEFAULT_FRAME,
 ) -> UdpForwarder:
     """A started forwarder with this side's session limits (both sides open theirs the same way)."""
     forwarder_module.max_total_sessions = int(
@@ -154,6 +158,9 @@ async def _start_forwarder(
         max_sessions=int(_option(options, "udp_max_sessions", DEFAULT_MAX_SESSIONS)),
         allowed_source=allowed_source,
         on_close=on_close,
+        frame_target=frame_target,
+        frame_peers=frame_peers,
+        frame_size=frame_size,
     )
     try:
         await forwarder.start()
@@ -172,8 +179,13 @@ class UdpProtocol:
         return validate_port_route(route, self.local_schemes, "udp://127.0.0.1:53")
 
     def route_options(self, route: Route, options: argparse.Namespace) -> dict[str, Any]:
-        # Told to the server so it can warn when the tunnel would forget sessions first.
-        return {"idle_timeout": _option(options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT)}
+        # Told to the server so it can warn when the tunnel would forget sessions first; and
+        # that this tunnel takes datagrams in frames (weft_udp.frames; the server says yes in
+        # its terms, and one that does not know them gets datagrams as they came).
+        return {
+            "idle_timeout": _option(options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT),
+            "frames": FRAMES_VERSION,
+        }
 
     async def open_server_endpoint(self, route: Route, ctx: ServerContext) -> Published:
         host = ctx.public_host(route.remote)
@@ -188,6 +200,7 @@ class UdpProtocol:
                 "a session quiet for longer reaches the local service from a new port",
                 ctx.tunnel_name, tunnel_idle, idle,
             )
+        framed = route.options.get("frames") == FRAMES_VERSION
         forwarder = await _start_forwarder(
             ctx.options,
             f"{ctx.tunnel_name} {route.remote.scheme}",
@@ -196,10 +209,15 @@ class UdpProtocol:
             (ctx.tunnel_address, ctx.forwarder_port),
             idle_timeout=idle,
             on_close=ctx.connection_closed,
+            frame_target=framed,
         )
         bound = route.remote.with_host(host).with_port(forwarder.address[1])
         # The tunnel's forwarder must forget each visitor before this side does (accept_terms).
-        terms = {"idle_timeout": idle, "max_sessions": forwarder.sessions.max_sessions}
+        terms: dict[str, Any] = {
+            "idle_timeout": idle, "max_sessions": forwarder.sessions.max_sessions
+        }
+        if framed:
+            terms["frames"] = FRAMES_VERSION
         return Published(endpoint=forwarder, public_url=str(bound), remote=bound, terms=terms)
 
     async def open_tunnel_forwarder(
@@ -208,6 +226,11 @@ class UdpProtocol:
         assert route.local.port is not None
         target = await _resolve(route.local.host or "127.0.0.1", route.local.port)
         listen = ctx.wireguard_net.bind_udp(ctx.address, ctx.listen_port)
+        # Behind a server (not `weft proxy`), datagrams come and go in frames that fill the
+        # WireGuard link's packets (until the server's terms say it does not know them).
+        server = ctx.server_address
+        frame_size = forwarder_module.probe_payload(ctx.wireguard_net, ctx.address, server) \
+            if server else forwarder_module.DEFAULT_FRAME
         forwarder = await _start_forwarder(
             ctx.options,
             f"{ctx.tunnel_name} {route.local}",
@@ -217,12 +240,16 @@ class UdpProtocol:
             idle_timeout=float(_option(ctx.options, "udp_idle_timeout", DEFAULT_IDLE_TIMEOUT)),
             allowed_source=ctx.server_address or None,  # "" in `weft proxy`: anyone
             on_close=ctx.connection_closed,
+            frame_peers=bool(server),
+            frame_size=frame_size,
         )
         return forwarder, forwarder.address[1]
 
     def accept_terms(self, forwarder: UdpForwarder, terms: Mapping[str, Any]) -> None:
         """Follow the server's session limits (see `sessions.in_step`): a session the server
-        has closed must be gone here before its port can come back for another visitor."""
+        has closed must be gone here before its port can come back for another visitor.
+        And datagrams stay in frames only if the server knows them."""
+        forwarder.frame_peers = terms.get("frames") == FRAMES_VERSION
         idle, cap = terms.get("idle_timeout"), terms.get("max_sessions")
         # JSON numbers only (type(True) is bool, not int), finite and in range: a 400-digit
         # integer cannot be a float, and raising here broke the tunnel's connection.

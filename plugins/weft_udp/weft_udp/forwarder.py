@@ -9,8 +9,11 @@ Both sides of a udp:// route are one of these:
   target.
 
 Because every visitor gets its own source port towards the tunnel, and the tunnel its own socket
-towards the local service, replies find their way back to the right visitor with no framing: a
-datagram crosses whole, as it was sent, and nothing crosses between visitors.
+towards the local service, replies find their way back to the right visitor, and nothing crosses
+between visitors. Over the WireGuard link (between a server's session socket and the tunnel's
+forwarder) a session's datagrams travel packed into frames that fill the link's packets
+(`frames`: `frame_target` on the server, `frame_peers` on the tunnel), so a 1,400-byte datagram
+costs WireGuard one packet, not two IP fragments; everywhere else a datagram is sent as it came.
 
 The listening socket is read in batches straight from a reader callback (up to `BATCH` datagrams
 per wake-up, back to back into one shared buffer): that is the hot path of every route, and
@@ -43,6 +46,7 @@ import asyncio_dgram
 from weft_core import ConnectionSummary, Counters, NetContext
 
 from .dgram import connected_stream
+from .frames import Budget, Reassembly, pack
 from .sessions import SessionTable, in_step
 
 log = logging.getLogger("weft.udp")
@@ -57,6 +61,13 @@ SWEEP_INTERVAL = 1.0  # at most, between sweeps for idle sessions and pending IC
 STATE_LOG_BURST = 4
 STATE_LOG_INTERVAL = 10.0
 SESSION_BUFFER = 1024 * 1024  # socket buffers of a session socket (a limit, not an allocation)
+# Frames: their size when the path MTU cannot be read (IPv6's minimum MTU less its headers), and
+# the bytes that datagrams being joined from frames may hold at once over every session of the
+# process (frames.Budget): the peer decides what arrives, so a tunnel cannot make a server hold
+# 64 KiB per session.
+DEFAULT_FRAME = 1232
+MAX_UDP_PAYLOAD = 65507
+_joining = Budget(16 * 1024 * 1024)
 
 # Under a steady stream the listening socket is read on a timer, every `coalesce_delay` seconds,
 # instead of on every datagram (set from --udp-coalesce-ms; 0: never). See _on_readable.
@@ -126,18 +137,30 @@ def gso_runs(
     return runs
 
 
-def _max_segment(sock: socket.socket) -> int:
-    """The largest datagram a GSO send on this connected socket may cut (path MTU - headers)."""
-    if not _gso:
-        return 0
+def path_payload(sock: socket.socket) -> int:
+    """The largest datagram this connected socket sends unfragmented (path MTU - headers), or 0
+    if the kernel does not say."""
     try:
         if sock.family == socket.AF_INET6:
             mtu = sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU", 24))
-            return max(0, mtu - 48)
+            return min(MAX_UDP_PAYLOAD, max(0, mtu - 48))
         mtu = sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU", 14))
-        return max(0, mtu - 28)
+        return min(MAX_UDP_PAYLOAD, max(0, mtu - 28))
     except OSError:
         return 0
+
+
+def probe_payload(net: NetContext, source: str, peer: str) -> int:
+    """`path_payload` from `source` to `peer` (connecting a UDP socket sends nothing): the size
+    of the tunnel's frames towards the server."""
+    sock = net.bind_udp(source, 0)
+    try:
+        sock.connect((peer, 9))
+        return path_payload(sock) or DEFAULT_FRAME
+    except OSError:
+        return DEFAULT_FRAME
+    finally:
+        sock.close()
 
 
 def peer_name(addr: Address) -> str:
@@ -169,9 +192,12 @@ class _Session:
         "closed",
         "datagrams_in",
         "datagrams_out",
+        "frame_size",
         "gso",
         "key",
         "pumping",
+        "reassembly",
+        "seq",
         "sock",
         "started",
         "stream",
@@ -189,6 +215,9 @@ class _Session:
         self.bytes_in = self.bytes_out = 0
         self.datagrams_in = self.datagrams_out = 0
         self.gso = 0  # the largest datagram a GSO run towards the target may hold; 0: no GSO
+        self.frame_size = 0  # frames towards the target (when it takes frames): their size
+        self.seq = 0  # the next frame's number, towards the target or the peer
+        self.reassembly: Reassembly | None = None  # frames from the target or the peer
 
 
 class UdpForwarder:
@@ -196,6 +225,9 @@ class UdpForwarder:
 
     `allowed_source`, when set, is the only host whose datagrams are accepted (the tunnel's
     forwarder takes datagrams from the server's WireGuard address only, isolation or not).
+    `frame_target`: session sockets carry frames (the server's, towards the tunnel);
+    `frame_peers`: peers send frames, and get frames of `frame_size` bytes at most (the tunnel's
+    forwarder, from and to the server's session sockets).
     """
 
     def __init__(
@@ -210,8 +242,14 @@ class UdpForwarder:
         allowed_source: str | None = None,
         counters: Counters | None = None,
         on_close: Callable[[ConnectionSummary], None] | None = None,
+        frame_target: bool = False,
+        frame_peers: bool = False,
+        frame_size: int = DEFAULT_FRAME,
     ) -> None:
         self.name = name
+        self.frame_target = frame_target
+        self.frame_peers = frame_peers
+        self.frame_size = frame_size
         self._listen = listen
         self._dial_net = dial_net
         self.target = target
@@ -299,13 +337,16 @@ class UdpForwarder:
         recv = self._listen.recvfrom_into
         sessions = self.sessions
         allowed = self._allowed_source
+        framed = self.frame_peers
         view = _view
         now = loop.time()
-        # Per session, its datagrams of this wake-up as (offset, size) pairs, flat: sent per
-        # session, in order, once the batch is read (runs of them in one GSO send each).
-        pending: dict[_Session, list[int]] = {}
+        # Per session, its datagrams of this wake-up (views into the shared buffer; datagrams
+        # joined from frames are bytes of their own): sent per session, in order, once the batch
+        # is read.
+        pending: dict[_Session, list[memoryview | bytes]] = {}
         last_addr: object = None
         session: _Session | None = None
+        datagrams: list[memoryview | bytes] = []
         offset = dropped = 0
         count = 0
         for count in range(1, BATCH + 1):
@@ -333,16 +374,24 @@ class UdpForwarder:
                         last_addr = None
                         continue
                 last_addr = addr
+                assert session is not None
+                found = pending.get(session)
+                if found is None:
+                    found = pending[session] = []
+                datagrams = found
             assert session is not None
-            found = pending.get(session)
-            if found is None:
-                pending[session] = [offset, n]
+            if framed:
+                reassembly = session.reassembly
+                if reassembly is None:  # (opened before frames were agreed)
+                    reassembly = session.reassembly = Reassembly(_joining)
+                dropped += reassembly.feed(view[offset : offset + n], datagrams)
             else:
-                found += (offset, n)
+                datagrams.append(view[offset : offset + n])
             offset += n
             if offset > _BUFFER_SIZE:
                 self._flush(pending)
                 pending = {}
+                last_addr = None
                 offset = 0
         if dropped:
             self.counters.dropped += dropped
@@ -350,68 +399,90 @@ class UdpForwarder:
             self._flush(pending)
         return count
 
-    def _flush(self, pending: dict[_Session, list[int]]) -> None:
+    def _flush(self, pending: dict[_Session, list[memoryview | bytes]]) -> None:
         """Send each session's datagrams of this batch, in order; count them per batch."""
         counters = self.counters
-        for session, items in pending.items():
-            gso = session.gso if _gso else 0
-            if len(items) == 2 or not gso or min(items[1::2]) > gso:
-                sent, nbytes = self._send_each(session.sock, items, 0, len(items))
+        for session, datagrams in pending.items():
+            if not datagrams:
+                continue
+            if self.frame_target:
+                frames = self._frames(session, datagrams)
+                went, _ = self._send_all(session, frames)
+                if went == len(frames):
+                    sent, nbytes = len(datagrams), sum(map(len, datagrams))
+                else:  # (the frames lost are counted as dropped: about one datagram each)
+                    sent = len(datagrams) * went // len(frames)
+                    nbytes = sum(map(len, datagrams)) * went // len(frames)
             else:
-                sent = nbytes = 0
-                for start, stop in gso_runs(items[1::2], gso):
-                    if stop - start == 1 or not _gso or not session.gso:  # or refused just now
-                        ok, size = self._send_each(session.sock, items, 2 * start, 2 * stop)
-                    else:
-                        ok, size = self._send_run(session, items, start, stop)
-                    sent += ok
-                    nbytes += size
+                sent, nbytes = self._send_all(session, datagrams)
             if sent:
                 counters.datagrams_in += sent
                 counters.bytes_in += nbytes
                 session.datagrams_in += sent
                 session.bytes_in += nbytes
 
-    def _send_each(
-        self, sock: socket.socket, items: list[int], first: int, last: int
+    @staticmethod
+    def _frames(session: _Session, datagrams: list[memoryview | bytes]) -> list[memoryview]:
+        """A session's datagrams packed into frames (frames.pack), one view each."""
+        data, sizes, session.seq = pack(datagrams, session.frame_size, session.seq)
+        view = memoryview(data)
+        frames = []
+        pos = 0
+        for size in sizes:
+            frames.append(view[pos : pos + size])
+            pos += size
+        return frames
+
+    def _send_all(
+        self, session: _Session, items: Sequence[memoryview | bytes]
     ) -> tuple[int, int]:
-        """Send datagrams `items[first:last]` ((offset, size) pairs) one by one; (sent, bytes)."""
-        view = _view
+        """Send `items` in order on the session's socket, runs of equal size in one GSO send
+        each; (how many went, their bytes)."""
+        gso = session.gso if _gso else 0
+        if len(items) == 1 or not gso:
+            return self._send_each(session.sock, items, 0, len(items))
+        sent = nbytes = 0
+        for start, stop in gso_runs([len(item) for item in items], gso):
+            if stop - start == 1 or not _gso or not session.gso:  # or refused just now
+                ok, size = self._send_each(session.sock, items, start, stop)
+            else:
+                ok, size = self._send_run(session, items, start, stop)
+            sent += ok
+            nbytes += size
+        return sent, nbytes
+
+    def _send_each(
+        self, sock: socket.socket, items: Sequence[memoryview | bytes], start: int, stop: int
+    ) -> tuple[int, int]:
+        """Send `items[start:stop]` one by one; (how many went, their bytes)."""
         send = sock.send
         sent = nbytes = 0
-        for i in range(first, last, 2):
-            offset, n = items[i], items[i + 1]
+        for i in range(start, stop):
+            data = items[i]
             try:
-                send(view[offset : offset + n])
+                send(data)
             except OSError as exc:
-                if not self._send_failed(sock, view[offset : offset + n], exc):
+                if not self._send_failed(sock, data, exc):
                     continue
             sent += 1
-            nbytes += n
+            nbytes += len(data)
         return sent, nbytes
 
     def _send_run(
-        self, session: _Session, items: list[int], start: int, stop: int
+        self, session: _Session, items: Sequence[memoryview | bytes], start: int, stop: int
     ) -> tuple[int, int]:
-        """Send datagrams `start:stop` of `items` in one GSO send; (datagrams, bytes) sent."""
-        view = _view
-        first = items[2 * start]
-        last = items[2 * stop - 2] + items[2 * stop - 1]
-        total = sum(items[2 * start + 1 : 2 * stop : 2])
-        if last - first == total:  # one after another in the buffer (one visitor's burst)
-            data: list[memoryview] = [view[first:last]]
-        else:
-            data = [view[items[i] : items[i] + items[i + 1]] for i in range(2 * start, 2 * stop, 2)]
-        segment = items[2 * start + 1]
+        """Send `items[start:stop]` in one GSO send; (how many went, their bytes)."""
+        data = list(items[start:stop])
+        segment = len(data[0])
         cmsg = _segment_cmsg.get(segment)
         if cmsg is None:
             cmsg = _segment_cmsg[segment] = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", segment))]
         sock = session.sock
         for attempt in (0, 1):
             try:
-                sock.sendmsg(data, cmsg)
+                nbytes = sock.sendmsg(data, cmsg)
                 self.gso_sends += 1
-                return stop - start, total
+                return stop - start, nbytes
             except (BlockingIOError, InterruptedError):
                 self.counters.dropped += stop - start  # the socket buffer is full: UDP drops
                 return 0, 0
@@ -425,7 +496,7 @@ class UdpForwarder:
                 self.counters.dropped += stop - start
                 self._warn(f"send to {peer_name(self.target)} failed: {exc.strerror}")
                 return 0, 0
-        return self._send_each(sock, items, 2 * start, 2 * stop)  # GSO is off now: one by one
+        return self._send_each(sock, items, start, stop)  # GSO is off now: one by one
 
     def _gso_failed(self, session: _Session, exc: OSError) -> None:
         global _gso
@@ -435,7 +506,9 @@ class UdpForwarder:
         _gso = False
         log.info("%s: UDP GSO unavailable (%s): one datagram per send", self.name, exc.strerror)
 
-    def _send_failed(self, sock: socket.socket, data: memoryview, exc: OSError) -> bool:
+    def _send_failed(
+        self, sock: socket.socket, data: memoryview | bytes, exc: OSError
+    ) -> bool:
         """A send of `data` failed with `exc`: count the drop; resend once after an ICMP error."""
         if isinstance(exc, (BlockingIOError, InterruptedError)):
             self.counters.dropped += 1  # the socket buffer is full: UDP drops, so do we
@@ -471,7 +544,12 @@ class UdpForwarder:
             self._warn(f"cannot reach {peer_name(self.target)}: {exc.strerror}")
             return None
         session = _Session(key, sock, now)
-        session.gso = _max_segment(sock)
+        payload = path_payload(sock)
+        session.gso = payload if _gso else 0
+        if self.frame_target:
+            session.frame_size = payload or DEFAULT_FRAME
+        if self.frame_target or self.frame_peers:
+            session.reassembly = Reassembly(_joining)
         for old_key, old in self.sessions.add(key, session, now):
             self._close_session(old, "evicted" if old_key != key else "replaced")
         self.counters.connections += 1
@@ -533,6 +611,8 @@ class UdpForwarder:
         # service that talks on after the server closed its end, handed the old visitor's
         # socket to the service to whoever got that port next.
         refresh = self._allowed_source is None
+        framed_replies = self.frame_target  # the tunnel's replies come in frames
+        datagrams: list[memoryview | bytes] = []
         while True:
             try:
                 data, _ = await stream.recv()
@@ -540,18 +620,46 @@ class UdpForwarder:
                 return
             if self._target_failing:
                 self._target_answered()
-            try:
-                listen.sendto(data, key)
-            except OSError:  # full buffer, or the peer's address went away: UDP drops
-                counters.dropped += 1
-                continue
-            n = len(data)
-            counters.datagrams_out += 1
-            counters.bytes_out += n
-            session.datagrams_out += 1
-            session.bytes_out += n
+            if framed_replies:
+                assert session.reassembly is not None
+                datagrams.clear()
+                lost = session.reassembly.feed(memoryview(data), datagrams)
+                if lost:
+                    counters.dropped += lost
+                replies: Sequence[memoryview | bytes] = datagrams
+            else:
+                replies = (data,)
+            for reply in replies:
+                if self.frame_peers:
+                    n = self._send_frames_to_peer(session, reply)
+                else:
+                    try:
+                        listen.sendto(reply, key)
+                        n = len(reply)
+                    except OSError:  # full buffer, or the peer's address went away: UDP drops
+                        n = -1
+                if n < 0:
+                    counters.dropped += 1
+                    continue
+                counters.datagrams_out += 1
+                counters.bytes_out += n
+                session.datagrams_out += 1
+                session.bytes_out += n
             if refresh:
                 sessions.touch(key, loop.time())
+
+    def _send_frames_to_peer(self, session: _Session, reply: memoryview | bytes) -> int:
+        """Send one reply to the session's peer in frames; its size, or -1 if it was dropped."""
+        data, sizes, session.seq = pack((reply,), self.frame_size, session.seq)
+        view = memoryview(data)
+        pos = 0
+        try:
+            for size in sizes:
+                self._listen.sendto(view[pos : pos + size], session.key)
+                pos += size
+        except OSError:  # full buffer, or the peer's address went away: UDP drops
+            return -1
+        return len(reply)
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -559,6 +667,8 @@ class UdpForwarder:
         if session.closed:
             return
         session.closed = True
+        if session.reassembly is not None:
+            session.reassembly.close()
         self.counters.open -= 1
         global _open_sessions
         _open_sessions -= 1

@@ -1,0 +1,211 @@
+"""Frames: how visitors' datagrams cross the WireGuard link between the server and the tunnel.
+
+Sans-IO: bytes in, bytes out; no sockets, no clock.
+
+Why frames. Inside WireGuard the path MTU is 1,420 bytes, so a 1,400-byte datagram sent as it is
+becomes two IP fragments: two WireGuard packets, the second carrying 8 bytes. WireGuard's cost is
+per packet far more than per byte (bare WireGuard between two namespaces here carries 221-225
+Mbit/s of 1,400-byte datagrams and 332-356 Mbit/s of 1,364-byte ones, which fit a packet), and
+a WireGuard endpoint behind Weft (its 1,452-byte datagrams) or any large datagram pays it on every
+packet. So between the server's session socket and the tunnel's forwarder each session's datagrams
+travel in frames that fill the path's packets:
+
+    frame = flags (1 byte) | seq (4 bytes, big-endian) | piece*
+    piece = length (2 bytes, big-endian) | that many bytes
+
+`seq` counts a session's frames in one direction. A piece is a whole datagram, except that the
+first piece of a frame may be the end of the datagram the previous frame's last piece began
+(flag CONTINUED), and the last piece may go on in the next frame (flag CONTINUES). A datagram
+that fits an empty frame is never cut: it goes whole, in a new frame if this one has no room, so
+a datagram spans no more packets than it would have had fragments (the same exposure to loss as
+without frames). Larger ones fill the frame they start in and go on in the next.
+
+The receiver (`Reassembly`, one per session and direction) joins a datagram's pieces only across
+frames with consecutive numbers; a gap (a frame lost or overtaken) drops the datagram it cut, never
+joins pieces of two datagrams. Joined datagrams are bounded (`MAX_DATAGRAM` each, and a `Budget`
+over all sessions), since the peer on the other end decides what arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+HEADER = 5  # flags and seq
+PIECE = 2  # a piece's length
+VERSION = 0xA0  # the flags byte's high nibble: what a frame starts with (a plain datagram rarely)
+VERSION_MASK = 0xF0
+CONTINUED = 0x01  # the first piece ends the previous frame's last datagram
+CONTINUES = 0x02  # the last piece goes on in the next frame
+MAX_DATAGRAM = 65535  # no joined datagram grows past this (UDP's own maximum is 65,507 bytes)
+SEQ_MASK = 0xFFFFFFFF
+MIN_FRAME = HEADER + PIECE + 1
+
+
+def pack(
+    datagrams: Sequence[bytes | bytearray | memoryview], frame_size: int, seq: int
+) -> tuple[bytearray, list[int], int]:
+    """Lay `datagrams` (one session's, in order) out as frames of at most `frame_size` bytes.
+
+    Returns the frames back to back, their sizes in order (all `frame_size` when the datagrams
+    fill them, so runs of them suit one GSO send), and the next `seq`. Never splits a datagram
+    that fits an empty frame.
+    """
+    if frame_size < MIN_FRAME:
+        raise ValueError(f"a frame of {frame_size} bytes holds nothing")
+    room_whole = frame_size - HEADER - PIECE  # the largest datagram a frame holds whole
+    out = bytearray()
+    sizes: list[int] = []
+    start = -1  # where the open frame begins in `out` (-1: none open)
+    for data in datagrams:
+        n = len(data)
+        if start >= 0:
+            room = frame_size - (len(out) - start) - PIECE
+            if n > room and (n <= room_whole or room < 1):
+                sizes.append(len(out) - start)  # no room for it whole: close the frame
+                start = -1
+        if start < 0:
+            start = len(out)
+            out += bytes((VERSION,)) + (seq & SEQ_MASK).to_bytes(4, "big")
+            seq += 1
+        # Write the datagram, going on in new frames while it does not fit the open one.
+        done = 0
+        while True:
+            room = frame_size - (len(out) - start) - PIECE
+            take = min(n - done, room)
+            out += take.to_bytes(2, "big")
+            out += data[done : done + take]
+            done += take
+            if done == n:
+                break
+            out[start] |= CONTINUES
+            sizes.append(len(out) - start)
+            start = len(out)
+            out += bytes((VERSION | CONTINUED,)) + (seq & SEQ_MASK).to_bytes(4, "big")
+            seq += 1
+        if frame_size - (len(out) - start) < PIECE:  # full: not even an empty datagram fits
+            sizes.append(len(out) - start)
+            start = -1
+    if start >= 0:
+        sizes.append(len(out) - start)
+    return out, sizes, seq & SEQ_MASK
+
+
+class Budget:
+    """Bytes that datagrams being joined may hold at once, over every session of a process."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+class Reassembly:
+    """One session's frames in one direction, back into datagrams."""
+
+    __slots__ = ("_budget", "_expect", "_partial", "_skipping")
+
+    def __init__(self, budget: Budget) -> None:
+        self._budget = budget
+        self._expect = -1  # the seq of the next frame if none is lost (-1: none seen yet)
+        self._partial: bytearray | None = None  # a datagram being joined
+        self._skipping = False  # discarding the rest of a datagram already counted as lost
+
+    def feed(self, frame: memoryview, out: list[memoryview | bytes]) -> int:
+        """Append the datagrams that `frame` completes to `out` (whole pieces as views into
+        `frame`); return how many datagrams were found lost or malformed."""
+        n = len(frame)
+        if n < HEADER or frame[0] & VERSION_MASK != VERSION:
+            return 1
+        flags = frame[0]
+        seq = int.from_bytes(frame[1:5], "big")
+        lost = 0
+        if seq != self._expect:
+            if self._partial is not None:
+                self._drop_partial()
+                lost += 1
+                self._skipping = True  # a piece continuing it here belongs to it
+            elif not flags & CONTINUED:
+                self._skipping = False
+        elif not flags & CONTINUED and self._partial is not None:  # (a peer breaking the format)
+            self._drop_partial()
+            lost += 1
+        self._expect = (seq + 1) & SEQ_MASK
+        pos = HEADER
+        first = True
+        while pos < n:
+            if pos + PIECE > n:
+                return lost + self._malformed()
+            size = frame[pos] << 8 | frame[pos + 1]
+            pos += PIECE
+            end = pos + size
+            if end > n:
+                return lost + self._malformed()
+            piece = frame[pos:end]
+            pos = end
+            goes_on = end == n and bool(flags & CONTINUES)
+            if first and flags & CONTINUED:
+                lost += self._continue(piece, goes_on, out)
+            elif goes_on:
+                if self._partial is not None:  # (only from a peer that breaks the format)
+                    self._drop_partial()
+                    lost += 1
+                self._skipping = False
+                lost += self._start(piece)
+            else:
+                out.append(piece)
+            first = False
+        if first and flags & CONTINUED:  # a frame with no piece cannot continue anything
+            return lost + self._malformed()
+        return lost
+
+    def close(self) -> None:
+        """Give back what a datagram being joined held (its session is gone)."""
+        if self._partial is not None:
+            self._drop_partial()
+
+    def _continue(self, piece: memoryview, goes_on: bool, out: list[memoryview | bytes]) -> int:
+        partial = self._partial
+        lost = 0
+        if partial is None:
+            if not self._skipping:  # its beginning never came
+                lost = 1
+                self._skipping = True
+        elif not self._grow(len(piece)):
+            self._drop_partial()
+            lost = 1
+            self._skipping = True
+        else:
+            partial += piece
+        if not goes_on:
+            self._skipping = False
+            if self._partial is not None:
+                out.append(bytes(self._partial))
+                self._drop_partial()
+        return lost
+
+    def _start(self, piece: memoryview) -> int:
+        if not self._grow(len(piece)):
+            self._skipping = True
+            return 1
+        self._partial = bytearray(piece)
+        return 0
+
+    def _grow(self, more: int) -> bool:
+        held = len(self._partial) if self._partial is not None else 0
+        budget = self._budget
+        if held + more > MAX_DATAGRAM or budget.used + more > budget.limit:
+            return False
+        budget.used += more
+        return True
+
+    def _drop_partial(self) -> None:
+        if self._partial is not None:
+            self._budget.used -= len(self._partial)
+            self._partial = None
+
+    def _malformed(self) -> int:
+        self._drop_partial()
+        self._skipping = False
+        self._expect = -1
+        return 1

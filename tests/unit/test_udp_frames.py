@@ -1,0 +1,184 @@
+"""weft_udp.frames, sans-IO: datagrams packed into frames and joined back, with loss and damage."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from weft_udp.frames import (
+    CONTINUED,
+    CONTINUES,
+    HEADER,
+    MAX_DATAGRAM,
+    PIECE,
+    Budget,
+    Reassembly,
+    pack,
+)
+
+FRAME = 1392  # WireGuard's MTU (1,420) less the IPv4 and UDP headers
+
+
+def frames_of(data: bytearray, sizes: list[int]) -> list[memoryview]:
+    view = memoryview(bytes(data))
+    out, pos = [], 0
+    for size in sizes:
+        out.append(view[pos : pos + size])
+        pos += size
+    assert pos == len(data)
+    return out
+
+
+def deliver(frames: list[memoryview], reassembly: Reassembly) -> tuple[list[bytes], int]:
+    got: list[memoryview | bytes] = []
+    lost = sum(reassembly.feed(frame, got) for frame in frames)
+    return [bytes(d) for d in got], lost
+
+
+def datagram(index: int, size: int) -> bytes:
+    """A datagram that says which one it is (so a wrong join cannot pass for a right one)."""
+    if size < 4:
+        return bytes([index % 251]) * size
+    body = index.to_bytes(4, "big")
+    return (body * (size // 4 + 1))[:size]
+
+
+def test_1400_byte_datagrams_fill_every_packet() -> None:
+    # Sent as they are, each is two IP fragments: 64 of them, 128 WireGuard packets.
+    sent = [datagram(i, 1400) for i in range(64)]
+    data, sizes, seq = pack(sent, FRAME, 7)
+    assert len(sizes) == 65 and seq == 7 + 65  # one packet each (and one more)
+    assert sizes[:-1] == [FRAME] * 64  # full frames: one GSO run
+    got, lost = deliver(frames_of(data, sizes), Reassembly(Budget(1 << 20)))
+    assert got == sent and lost == 0
+
+
+def test_small_datagrams_share_a_frame_and_are_never_cut() -> None:
+    sent = [datagram(i, 64) for i in range(100)]
+    data, sizes, _ = pack(sent, FRAME, 0)
+    per_frame = (FRAME - HEADER) // (64 + PIECE)
+    assert len(sizes) == -(-100 // per_frame)
+    for frame in frames_of(data, sizes):
+        assert not frame[0] & (CONTINUED | CONTINUES)
+    got, lost = deliver(frames_of(data, sizes), Reassembly(Budget(1 << 20)))
+    assert got == sent and lost == 0
+
+
+def test_a_datagram_that_fits_a_frame_starts_a_new_one_rather_than_be_cut() -> None:
+    sent = [datagram(0, 1000), datagram(1, 1000), datagram(2, FRAME - HEADER - PIECE)]
+    data, sizes, _ = pack(sent, FRAME, 0)
+    assert sizes == [HEADER + PIECE + 1000] * 2 + [FRAME]
+    assert deliver(frames_of(data, sizes), Reassembly(Budget(1 << 20))) == (sent, 0)
+
+
+@pytest.mark.parametrize("size", [0, 1, 8000, 65507])
+def test_sizes_up_to_the_udp_maximum_cross_whole(size: int) -> None:
+    sent = [datagram(1, size), datagram(2, size)]
+    data, sizes, _ = pack(sent, FRAME, 0)
+    budget = Budget(1 << 20)
+    assert deliver(frames_of(data, sizes), Reassembly(budget)) == (sent, 0)
+    assert budget.used == 0
+
+
+def test_seq_wraps() -> None:
+    sent = [datagram(i, 3000) for i in range(4)]
+    data, sizes, seq = pack(sent, FRAME, 0xFFFFFFFE)
+    assert seq == (0xFFFFFFFE + len(sizes)) & 0xFFFFFFFF
+    assert deliver(frames_of(data, sizes), Reassembly(Budget(1 << 20))) == (sent, 0)
+
+
+def test_a_lost_frame_loses_the_datagrams_it_carried_and_never_joins_two() -> None:
+    sent = [datagram(i, 1400) for i in range(10)]
+    data, sizes, _ = pack(sent, FRAME, 0)
+    frames = frames_of(data, sizes)
+    del frames[3]  # carries the end of datagram 2 and the start of datagram 3
+    got, lost = deliver(frames, Reassembly(Budget(1 << 20)))
+    assert got == sent[:2] + sent[4:]
+    assert lost >= 1  # what it saw cut (the network's losses are not all visible, as ever)
+
+
+def test_random_loss_reordering_and_duplication_deliver_only_true_datagrams() -> None:
+    rng = random.Random(1)
+    for trial in range(300):
+        frame_size = rng.choice([64, 200, 1232, FRAME, 9000])
+        sent = [datagram(trial * 1000 + i, rng.choice([0, 1, 50, 1400, 3000, rng.randrange(20000)]))
+                for i in range(rng.randrange(1, 40))]
+        data, sizes, _ = pack(sent, frame_size, rng.randrange(1 << 32))
+        assert all(size <= frame_size for size in sizes)
+        frames = frames_of(data, sizes)
+        clean = rng.random() < 0.2
+        if not clean:
+            for _ in range(rng.randrange(1, 4)):
+                kind = rng.randrange(3)
+                i = rng.randrange(len(frames))
+                if kind == 0:
+                    del frames[i]
+                elif kind == 1:
+                    frames.insert(rng.randrange(len(frames) + 1), frames[i])
+                else:
+                    j = rng.randrange(len(frames))
+                    frames[i], frames[j] = frames[j], frames[i]
+                if not frames:
+                    break
+        budget = Budget(1 << 20)
+        reassembly = Reassembly(budget)
+        got, lost = deliver(frames, reassembly)
+        if clean:
+            assert got == sent and lost == 0
+        else:
+            assert set(got) <= set(sent), trial  # nothing made up, nothing joined wrongly
+        reassembly.close()
+        assert budget.used == 0
+
+
+def test_damaged_frames_are_counted_and_never_raise() -> None:
+    rng = random.Random(2)
+    sent = [datagram(i, rng.randrange(3000)) for i in range(30)]
+    data, sizes, _ = pack(sent, FRAME, 0)
+    frames = frames_of(data, sizes)
+    for _ in range(2000):
+        frame = bytearray(rng.choice(frames))
+        for _ in range(rng.randrange(1, 4)):
+            if frame and rng.random() < 0.5:
+                frame[rng.randrange(len(frame))] = rng.randrange(256)
+            else:
+                frame = frame[: rng.randrange(len(frame) + 1)]
+        budget = Budget(1 << 20)
+        reassembly = Reassembly(budget)
+        got: list[memoryview | bytes] = []
+        reassembly.feed(memoryview(bytes(frame)), got)
+        reassembly.close()
+        assert budget.used == 0
+    # A plain datagram (what a peer without frames sends) is not taken for one.
+    got = []
+    assert Reassembly(Budget(100)).feed(memoryview(b"\x00plain datagram"), got) == 1
+    assert got == []
+
+
+def test_joining_is_bounded_per_datagram_and_over_all_sessions() -> None:
+    big = pack([datagram(0, 8000)], FRAME, 0)
+    budget = Budget(10_000)
+    first, second = Reassembly(budget), Reassembly(budget)
+    frames = frames_of(*big[:2])
+    got: list[memoryview | bytes] = []
+    for frame in frames[:-1]:
+        first.feed(frame, got)  # holds ~6.9 KB, waiting for the last frame
+    assert budget.used > 6000
+    lost = sum(second.feed(frame, got) for frame in frames)
+    assert lost == 1 and got == []  # over the budget: dropped, not joined
+    first.feed(frames[-1], got)
+    assert [bytes(d) for d in got] == [datagram(0, 8000)] and budget.used == 0
+    # A peer's pieces cannot add up past the UDP maximum.
+    head = bytes([0xA0 | CONTINUES]) + (0).to_bytes(4, "big")
+    piece = (40_000).to_bytes(2, "big") + bytes(40_000)
+    more = bytes([0xA0 | CONTINUED | CONTINUES]) + (1).to_bytes(4, "big")
+    lone = Reassembly(Budget(1 << 20))
+    assert lone.feed(memoryview(head + piece), got) == 0
+    assert lone.feed(memoryview(more + piece), got) == 1
+    assert len(got) == 1 and MAX_DATAGRAM < 80_000
+
+
+def test_a_frame_too_small_to_hold_anything_is_refused() -> None:
+    with pytest.raises(ValueError):
+        pack([b"x"], HEADER + PIECE, 0)
