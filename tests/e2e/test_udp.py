@@ -115,6 +115,34 @@ def test_echo_in_order_whole_large_datagrams_and_counters(lab: Lab) -> None:
     assert url in table and str(total) in table and "306/306" in table  # datagrams in/out
 
 
+def wireguard_packets(host: Host) -> tuple[int, int]:
+    """(received, sent) packets of the host's WireGuard interface (the one on 10.1.0.0/16)."""
+    (name,) = [link["ifname"] for link in json.loads(host.check(["ip", "-j", "addr"]))
+               for addr in link.get("addr_info", []) if addr["local"].startswith("10.1.")]
+    (link,) = json.loads(host.check(["ip", "-j", "-s", "link", "show", "dev", name]))
+    stats = link["stats64"]
+    return stats["rx"]["packets"], stats["tx"]["packets"]
+
+
+def test_datagrams_fill_wireguard_packets_instead_of_fragmenting(lab: Lab) -> None:
+    """1,400-byte datagrams do not fit one WireGuard packet (MTU 1,420): sent as they are, each
+    is two fragments, two packets. Packed into frames, a burst of them takes about one packet
+    each, both ways (weft_udp.frames); every datagram still arrives whole and in order."""
+    server = start_server(lab)
+    udp_echo(lab.tunnel, 7000)
+    tunnel = start_tunnel(lab, server.url(), "udp://127.0.0.1:7000", "udp://:0")
+    (url,) = ready_urls(tunnel)
+    count = 1000
+    before = wireguard_packets(lab.tunnel)
+    burst = udp_peer(lab.visitor, "order", SERVER_IP, public_port(url), count, 1400)
+    after = wireguard_packets(lab.tunnel)
+    assert burst == {"sent": count, "received": count, "in_order": True, "intact": True}
+    received, sent = after[0] - before[0], after[1] - before[1]
+    # Windows of 25 back to back: the first datagrams of a window may go alone (two packets).
+    assert received < 1.4 * count, (received, sent)
+    assert sent < 1.4 * count, (received, sent)
+
+
 def test_real_dns_server_answers_a_real_dns_client_through_the_tunnel(lab: Lab) -> None:
     dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     if not Path(dnsmasq).exists() or shutil.which("dig") is None:

@@ -846,3 +846,59 @@ def test_a_tunnel_side_taking_frames_drops_plain_datagrams_and_counts_them() -> 
         transport.close()
 
     run(main())
+
+
+def test_a_burst_of_replies_goes_back_packed_into_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the tunnel side, replies queued together leave in shared frames that fit a packet."""
+    from weft_udp.frames import Budget, Reassembly, pack
+
+    async def main() -> None:
+        replies = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(100)]
+        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        service.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        service.bind((LO, 0))
+        service.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def answer() -> None:
+            _, peer = service.recvfrom(100)
+            for payload in replies:  # all at once: the forwarder finds them queued
+                service.sendto(payload, peer)
+
+        loop.add_reader(service.fileno(), answer)
+        tunnel = forwarder(service.getsockname(), allowed_source=LO, frame_peers=True,
+                           frame_size=WG_PAYLOAD)
+        await tunnel.start()
+        server_side = Sink()  # stands for the server's session socket
+        server_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        frame, _, _ = pack([b"go"], WG_PAYLOAD, 0)
+        server_side.sock.sendto(bytes(frame), tunnel.address)
+        joined: list[memoryview | bytes] = []
+        reassembly = Reassembly(Budget(1 << 20))
+
+        def frames() -> list[bytes]:
+            return server_side.got.get(tunnel.address, [])
+
+        fed = 0
+
+        def joined_all() -> bool:
+            nonlocal fed
+            for frame in frames()[fed:]:
+                reassembly.feed(memoryview(frame), joined)
+                fed += 1
+            return len(joined) == len(replies)
+
+        await until(joined_all)
+        assert [bytes(d) for d in joined] == replies
+        assert max(map(len, frames())) <= WG_PAYLOAD
+        assert len(frames()) < 150  # one at a time, each would be two frames (200 packets)
+        c = tunnel.counters
+        assert (c.datagrams_out, c.bytes_out, c.dropped) == (100, 140_000, 0)
+        loop.remove_reader(service.fileno())
+        await tunnel.close()
+        server_side.close()
+        service.close()
+
+    run(main())

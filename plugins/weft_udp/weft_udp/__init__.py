@@ -33,6 +33,7 @@ from weft_core import (
 
 from . import forwarder as forwarder_module
 from .forwarder import UdpForwarder
+from .frames import MIN_FRAME
 from .sessions import SessionTable
 
 __all__ = ["SessionTable", "UdpForwarder", "UdpProtocol"]
@@ -140,7 +141,6 @@ async def _start_forwarder(
     allowed_source: str | None = None,
     frame_target: bool = False,
     frame_peers: bool = False,
-    frame_size: int = forwarder_module.DEFAULT_FRAME,
 ) -> UdpForwarder:
     """A started forwarder with this side's session limits (both sides open theirs the same way)."""
     forwarder_module.max_total_sessions = int(
@@ -160,7 +160,6 @@ async def _start_forwarder(
         on_close=on_close,
         frame_target=frame_target,
         frame_peers=frame_peers,
-        frame_size=frame_size,
     )
     try:
         await forwarder.start()
@@ -201,12 +200,13 @@ class UdpProtocol:
                 ctx.tunnel_name, tunnel_idle, idle,
             )
         framed = route.options.get("frames") == FRAMES_VERSION
+        target = (ctx.tunnel_address, ctx.forwarder_port)
         forwarder = await _start_forwarder(
             ctx.options,
             f"{ctx.tunnel_name} {route.remote.scheme}",
             listen,
             ctx.wireguard_net,
-            (ctx.tunnel_address, ctx.forwarder_port),
+            target,
             idle_timeout=idle,
             on_close=ctx.connection_closed,
             frame_target=framed,
@@ -216,8 +216,9 @@ class UdpProtocol:
         terms: dict[str, Any] = {
             "idle_timeout": idle, "max_sessions": forwarder.sessions.max_sessions
         }
-        if framed:
+        if framed:  # and how large they may be over WireGuard, for the tunnel's replies
             terms["frames"] = FRAMES_VERSION
+            terms["frame_size"] = forwarder_module.probe_payload(ctx.wireguard_net, target)
         return Published(endpoint=forwarder, public_url=str(bound), remote=bound, terms=terms)
 
     async def open_tunnel_forwarder(
@@ -227,10 +228,9 @@ class UdpProtocol:
         target = await _resolve(route.local.host or "127.0.0.1", route.local.port)
         listen = ctx.wireguard_net.bind_udp(ctx.address, ctx.listen_port)
         # Behind a server (not `weft proxy`), datagrams come and go in frames that fill the
-        # WireGuard link's packets (until the server's terms say it does not know them).
+        # WireGuard link's packets; the server's terms say how large they may be (or that it
+        # does not know them).
         server = ctx.server_address
-        frame_size = forwarder_module.probe_payload(ctx.wireguard_net, ctx.address, server) \
-            if server else forwarder_module.DEFAULT_FRAME
         forwarder = await _start_forwarder(
             ctx.options,
             f"{ctx.tunnel_name} {route.local}",
@@ -241,7 +241,6 @@ class UdpProtocol:
             allowed_source=ctx.server_address or None,  # "" in `weft proxy`: anyone
             on_close=ctx.connection_closed,
             frame_peers=bool(server),
-            frame_size=frame_size,
         )
         return forwarder, forwarder.address[1]
 
@@ -250,6 +249,9 @@ class UdpProtocol:
         has closed must be gone here before its port can come back for another visitor.
         And datagrams stay in frames only if the server knows them."""
         forwarder.frame_peers = terms.get("frames") == FRAMES_VERSION
+        size = terms.get("frame_size")
+        if type(size) is int and MIN_FRAME <= size <= forwarder_module.MAX_UDP_PAYLOAD:
+            forwarder.frame_size = size
         idle, cap = terms.get("idle_timeout"), terms.get("max_sessions")
         # JSON numbers only (type(True) is bool, not int), finite and in range: a 400-digit
         # integer cannot be a float, and raising here broke the tunnel's connection.

@@ -30,9 +30,31 @@ class _ReportingProtocol(aio.Protocol):  # type: ignore[misc]
         self._on_error(exc)
 
 
+class Stream(aio.DatagramClient):  # type: ignore[misc]
+    """asyncio-dgram's stream, plus what it has queued already, without waiting."""
+
+    def __init__(self, transport: Any, recvq: Any, excq: Any, drained: Any) -> None:
+        super().__init__(transport, recvq, excq, drained)
+        self._queue: asyncio.Queue[tuple[bytes | None, Any]] = recvq
+
+    def queued(self, first: bytes) -> list[bytes]:
+        """`first` (just received) and the datagrams queued behind it: the transport reads every
+        datagram that is ready before the awaiting task runs, so under a stream of replies they
+        can go on as one batch. (The end of the stream stays queued for the next `recv()`.)"""
+        batch = [first]
+        recvq = self._queue
+        while not recvq.empty():
+            item = recvq.get_nowait()
+            if item[0] is None:
+                recvq.put_nowait(item)
+                break
+            batch.append(item[0])
+        return batch
+
+
 async def connected_stream(
     sock: socket.socket, on_error: Callable[[Exception], None]
-) -> aio.DatagramClient:
+) -> Stream:
     """An asyncio-dgram stream receiving the datagrams of connected `sock`; its ICMP errors
     (the target's port unreachable, ...) go to `on_error` at once."""
     loop = asyncio.get_running_loop()
@@ -43,4 +65,4 @@ async def connected_stream(
         lambda: _ReportingProtocol(recvq, excq, drained, on_error), sock=sock
     )
     # (aio.pyi types the transport argument as a protocol: a typo in its stub)
-    return aio.DatagramClient(transport, recvq, excq, drained)  # type: ignore[arg-type]
+    return Stream(transport, recvq, excq, drained)

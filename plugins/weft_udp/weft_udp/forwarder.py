@@ -45,7 +45,7 @@ import asyncio_dgram
 
 from weft_core import ConnectionSummary, Counters, NetContext
 
-from .dgram import connected_stream
+from .dgram import Stream, connected_stream
 from .frames import Budget, Reassembly, pack
 from .sessions import SessionTable, in_step
 
@@ -150,12 +150,12 @@ def path_payload(sock: socket.socket) -> int:
         return 0
 
 
-def probe_payload(net: NetContext, source: str, peer: str) -> int:
-    """`path_payload` from `source` to `peer` (connecting a UDP socket sends nothing): the size
-    of the tunnel's frames towards the server."""
-    sock = net.bind_udp(source, 0)
+def probe_payload(net: NetContext, peer: Address) -> int:
+    """`path_payload` towards `peer` (connecting a UDP socket sends nothing): on the server, the
+    size of frames over WireGuard, which it tells the tunnel for its replies."""
+    sock = net.udp_socket(peer[0])
     try:
-        sock.connect((peer, 9))
+        sock.connect(peer)
         return path_payload(sock) or DEFAULT_FRAME
     except OSError:
         return DEFAULT_FRAME
@@ -207,7 +207,7 @@ class _Session:
     def __init__(self, key: Address, sock: socket.socket, now: float) -> None:
         self.key = key
         self.sock = sock
-        self.stream: asyncio_dgram.aio.DatagramStream | None = None
+        self.stream: Stream | None = None
         self.task: asyncio.Task[None] | None = None
         self.pumping = False  # the reply task has started (it then owns closing the socket)
         self.closed = False
@@ -473,10 +473,7 @@ class UdpForwarder:
     ) -> tuple[int, int]:
         """Send `items[start:stop]` in one GSO send; (how many went, their bytes)."""
         data = list(items[start:stop])
-        segment = len(data[0])
-        cmsg = _segment_cmsg.get(segment)
-        if cmsg is None:
-            cmsg = _segment_cmsg[segment] = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", segment))]
+        cmsg = self._segment(len(data[0]))
         sock = session.sock
         for attempt in (0, 1):
             try:
@@ -498,11 +495,22 @@ class UdpForwarder:
                 return 0, 0
         return self._send_each(sock, items, start, stop)  # GSO is off now: one by one
 
+    @staticmethod
+    def _segment(size: int) -> list[tuple[int, int, bytes]]:
+        """The ancillary data of a GSO send cutting `size`-byte datagrams."""
+        cmsg = _segment_cmsg.get(size)
+        if cmsg is None:
+            cmsg = _segment_cmsg[size] = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", size))]
+        return cmsg
+
     def _gso_failed(self, session: _Session, exc: OSError) -> None:
-        global _gso
         if exc.errno == errno.EMSGSIZE:  # the path's MTU shrank: this session sends singly
             session.gso = 0
             return
+        self._gso_off(exc)
+
+    def _gso_off(self, exc: OSError) -> None:
+        global _gso
         _gso = False
         log.info("%s: UDP GSO unavailable (%s): one datagram per send", self.name, exc.strerror)
 
@@ -612,7 +620,7 @@ class UdpForwarder:
         # socket to the service to whoever got that port next.
         refresh = self._allowed_source is None
         framed_replies = self.frame_target  # the tunnel's replies come in frames
-        datagrams: list[memoryview | bytes] = []
+        joined: list[memoryview | bytes] = []
         while True:
             try:
                 data, _ = await stream.recv()
@@ -620,46 +628,99 @@ class UdpForwarder:
                 return
             if self._target_failing:
                 self._target_answered()
+            batch = stream.queued(data)
+            if self.frame_peers:  # the more replies, the fuller the frames
+                self._drain(session, batch)
+            replies: list[memoryview | bytes] | list[bytes] = batch
             if framed_replies:
                 assert session.reassembly is not None
-                datagrams.clear()
-                lost = session.reassembly.feed(memoryview(data), datagrams)
-                if lost:
-                    counters.dropped += lost
-                replies: Sequence[memoryview | bytes] = datagrams
+                joined.clear()
+                for frame in batch:
+                    lost = session.reassembly.feed(memoryview(frame), joined)
+                    if lost:
+                        counters.dropped += lost
+                replies = joined
+            if self.frame_peers:
+                sent, nbytes = self._send_frames_to_peer(session, replies)
             else:
-                replies = (data,)
-            for reply in replies:
-                if self.frame_peers:
-                    n = self._send_frames_to_peer(session, reply)
-                else:
+                sent = nbytes = 0
+                for reply in replies:
                     try:
                         listen.sendto(reply, key)
-                        n = len(reply)
                     except OSError:  # full buffer, or the peer's address went away: UDP drops
-                        n = -1
-                if n < 0:
-                    counters.dropped += 1
-                    continue
-                counters.datagrams_out += 1
-                counters.bytes_out += n
-                session.datagrams_out += 1
-                session.bytes_out += n
+                        counters.dropped += 1
+                        continue
+                    sent += 1
+                    nbytes += len(reply)
+            if sent:
+                counters.datagrams_out += sent
+                counters.bytes_out += nbytes
+                session.datagrams_out += sent
+                session.bytes_out += nbytes
             if refresh:
                 sessions.touch(key, loop.time())
 
-    def _send_frames_to_peer(self, session: _Session, reply: memoryview | bytes) -> int:
-        """Send one reply to the session's peer in frames; its size, or -1 if it was dropped."""
-        data, sizes, session.seq = pack((reply,), self.frame_size, session.seq)
+    def _drain(self, session: _Session, batch: list[bytes]) -> None:
+        """Read the replies waiting on a session's socket behind `batch`, up to a batch.
+
+        (The loop's transport reads one datagram per wake-up on asyncio's loop; replies read
+        here are newer than any it has queued, and this runs on the loop's thread like it.)"""
+        recv = session.sock.recv
+        while len(batch) < BATCH:
+            try:
+                batch.append(recv(MAX_DATAGRAM))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ICMP_ERRORS:
+                    self._target_error(exc)
+                return
+
+    def _frames_too_large(self) -> None:
+        if self.frame_size > DEFAULT_FRAME:
+            log.info("%s: frames of %d bytes do not fit the path to the server: %d from now on",
+                     self.name, self.frame_size, DEFAULT_FRAME)
+            self.frame_size = DEFAULT_FRAME
+
+    def _send_frames_to_peer(
+        self, session: _Session, replies: Sequence[memoryview | bytes]
+    ) -> tuple[int, int]:
+        """Send a session's replies to its peer in frames (runs of full ones in one GSO send);
+        (replies sent, their bytes), about one reply less for each frame dropped."""
+        if not replies:
+            return 0, 0
+        data, sizes, session.seq = pack(replies, self.frame_size, session.seq)
         view = memoryview(data)
-        pos = 0
-        try:
-            for size in sizes:
-                self._listen.sendto(view[pos : pos + size], session.key)
+        listen, key = self._listen, session.key
+        went = pos = 0
+        gso = self.frame_size if _gso and len(sizes) > 1 else 0
+        for start, stop in gso_runs(sizes, gso) if gso else [(0, len(sizes))]:
+            end = pos + sum(sizes[start:stop])
+            if stop - start > 1 and gso:
+                try:
+                    listen.sendmsg([view[pos:end]], self._segment(sizes[start]), 0, key)
+                    went += stop - start
+                    pos = end
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EMSGSIZE:  # frames too large for the path: smaller
+                        self._frames_too_large()  # ones from now on; these go fragmented
+                    elif exc.errno in _GSO_UNSUPPORTED:
+                        self._gso_off(exc)  # and this run goes one frame at a time
+                    else:  # full buffer, or the peer's address went away: UDP drops
+                        self.counters.dropped += stop - start
+                        pos = end
+                        continue
+            for size in sizes[start:stop]:
+                try:
+                    listen.sendto(view[pos : pos + size], key)
+                    went += 1
+                except OSError:  # full buffer, or the peer's address went away: UDP drops
+                    self.counters.dropped += 1
                 pos += size
-        except OSError:  # full buffer, or the peer's address went away: UDP drops
-            return -1
-        return len(reply)
+        if went == len(sizes):
+            return len(replies), sum(map(len, replies))
+        return len(replies) * went // len(sizes), sum(map(len, replies)) * went // len(sizes)
 
     # --- sessions ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ over all sessions), since the peer on the other end decides what arrives.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 HEADER = 5  # flags and seq
@@ -91,25 +92,46 @@ def pack(
 
 
 class Budget:
-    """Bytes that datagrams being joined may hold at once, over every session of a process."""
+    """Bytes that datagrams being joined may hold at once, over every session of a process.
 
-    __slots__ = ("limit", "used")
+    When a datagram needs room, the oldest one being joined elsewhere is dropped for it: an
+    honest peer sends a datagram's frames back to back, so its datagrams are joined within
+    microseconds, and a peer that starts datagrams and never ends them (to hold memory, or to
+    starve other tunnels of it) only ever loses its own stale ones.
+    """
+
+    __slots__ = ("holders", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.holders: OrderedDict[Reassembly, None] = OrderedDict()  # oldest datagram first
+
+    def make_room(self, more: int, asking: Reassembly) -> bool:
+        """Drop the oldest datagrams being joined (not `asking`'s) until `more` bytes fit."""
+        holders = self.holders
+        while self.used + more > self.limit:
+            oldest = next(iter(holders), None)
+            if oldest is asking:
+                holders.move_to_end(oldest)
+                oldest = next(iter(holders))
+            if oldest is None or oldest is asking:
+                return False
+            oldest.drop_for_room()
+        return True
 
 
 class Reassembly:
     """One session's frames in one direction, back into datagrams."""
 
-    __slots__ = ("_budget", "_expect", "_partial", "_skipping")
+    __slots__ = ("_budget", "_expect", "_owed", "_partial", "_skipping")
 
     def __init__(self, budget: Budget) -> None:
         self._budget = budget
         self._expect = -1  # the seq of the next frame if none is lost (-1: none seen yet)
         self._partial: bytearray | None = None  # a datagram being joined
         self._skipping = False  # discarding the rest of a datagram already counted as lost
+        self._owed = 0  # datagrams dropped for room elsewhere, counted at the next feed
 
     def feed(self, frame: memoryview, out: list[memoryview | bytes]) -> int:
         """Append the datagrams that `frame` completes to `out` (whole pieces as views into
@@ -119,7 +141,7 @@ class Reassembly:
             return 1
         flags = frame[0]
         seq = int.from_bytes(frame[1:5], "big")
-        lost = 0
+        lost, self._owed = self._owed, 0
         if seq != self._expect:
             if self._partial is not None:
                 self._drop_partial()
@@ -184,17 +206,26 @@ class Reassembly:
                 self._drop_partial()
         return lost
 
+    def drop_for_room(self) -> None:
+        """The budget needs this datagram's room: drop it (the rest of it is skipped)."""
+        self._drop_partial()
+        self._skipping = True
+        self._owed += 1
+
     def _start(self, piece: memoryview) -> int:
         if not self._grow(len(piece)):
             self._skipping = True
             return 1
         self._partial = bytearray(piece)
+        self._budget.holders[self] = None
         return 0
 
     def _grow(self, more: int) -> bool:
         held = len(self._partial) if self._partial is not None else 0
         budget = self._budget
-        if held + more > MAX_DATAGRAM or budget.used + more > budget.limit:
+        if held + more > MAX_DATAGRAM:
+            return False
+        if budget.used + more > budget.limit and not budget.make_room(more, self):
             return False
         budget.used += more
         return True
@@ -202,6 +233,7 @@ class Reassembly:
     def _drop_partial(self) -> None:
         if self._partial is not None:
             self._budget.used -= len(self._partial)
+            self._budget.holders.pop(self, None)
             self._partial = None
 
     def _malformed(self) -> int:
