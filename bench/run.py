@@ -292,6 +292,32 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     None,
                 )
             )
+            out.append(
+                Row(
+                    "UDP 64 B datagrams",
+                    "pkt/s",
+                    udp["weft"]["small"].get("pps"),
+                    udp["bare"]["small"].get("pps"),
+                    "bare WireGuard",
+                    udp["ratios"]["small_pps"],
+                    "reported",
+                    None,
+                )
+            )
+            fits = udp["bare"].get("fits", {}).get("mbit_s")
+            if fits:  # datagrams that fit one WireGuard packet: the bare path's ceiling
+                out.append(
+                    Row(
+                        "UDP 1400 B vs WG alone with 1364 B",
+                        "Mbit/s",
+                        w,
+                        fits,
+                        "WG, 1364 B",
+                        udp["ratios"].get("throughput_vs_fits"),
+                        "reported",
+                        None,
+                    )
+                )
     start = results.get("start")
     if start:
         m = start["median_s"]
