@@ -140,7 +140,8 @@ class TunnelProtocol(Protocol):
 
     # Optional: `accept_terms(forwarder, terms: Mapping[str, Any]) -> None` applies to the
     # tunnel's forwarder the `Published.terms` the server answered with (called after every
-    # successful publication, reconnects included). Without it, terms are ignored.
+    # successful publication, reconnects included; with an empty mapping when the server sent
+    # none). Without it, terms are ignored.
 
 
 def validate_port_route(route: Route, local_schemes: tuple[str, ...], example: str) -> Route:

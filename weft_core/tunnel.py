@@ -317,8 +317,9 @@ class Tunnel:
                 active.reclaim = parse_route_url(str(answer["remote"]))
             terms = answer.get("terms")
             accept = getattr(active.protocol, "accept_terms", None)
-            if accept is not None and isinstance(terms, dict) and active.forwarder is not None:
-                accept(active.forwarder, terms)
+            if accept is not None and active.forwarder is not None:
+                # (a server that sets no terms answers with none: that too is an answer)
+                accept(active.forwarder, terms if isinstance(terms, dict) else {})
             say(f"ready  {readable_url(active.public_url)} -> {active.route.local}")
         if refused and len(refused) == len(self.routes):
             raise RouteRefused("the server refused every route: " + "; ".join(refused))

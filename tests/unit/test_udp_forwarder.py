@@ -840,7 +840,13 @@ def test_a_tunnel_side_taking_frames_drops_plain_datagrams_and_counts_them() -> 
         assert await exchange(sock, tunnel.address, b"plain datagram") == b"plain datagram"
         UdpProtocol().accept_terms(tunnel, {"idle_timeout": 60.0, "max_sessions": 10_000,
                                             "frames": 1})
-        assert tunnel.frame_peers
+        assert tunnel.frame_peers and tunnel.frame_size == 1232  # none said: IPv6's minimum
+        for size, expected in ((1392, 1392), (True, 1392), (7, 1392), (65508, 1392),
+                               ("1400", 1392), (8, 8), (65507, 65507)):
+            UdpProtocol().accept_terms(tunnel, {"frames": 1, "frame_size": size})
+            assert tunnel.frame_size == expected, size
+        UdpProtocol().accept_terms(tunnel, {})  # a server that sent no terms at all
+        assert not tunnel.frame_peers
         sock.close()
         await tunnel.close()
         transport.close()
@@ -897,6 +903,72 @@ def test_a_burst_of_replies_goes_back_packed_into_frames(
         c = tunnel.counters
         assert (c.datagrams_out, c.bytes_out, c.dropped) == (100, 140_000, 0)
         loop.remove_reader(service.fileno())
+        await tunnel.close()
+        server_side.close()
+        service.close()
+
+    run(main())
+
+
+class _TooLargeForGso:
+    """A listening socket whose path refuses GSO sends of frames this size (EMSGSIZE)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.refused = 0
+
+    def sendmsg(self, *args: object) -> int:
+        import errno
+
+        self.refused += 1
+        raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_frames_too_large_for_the_path_shrink_and_still_arrive() -> None:
+    """EMSGSIZE on a GSO send of frames (the size was wrong for the path): smaller frames from
+    then on, and the ones refused go one by one (the kernel fragments them) instead of lost."""
+    from weft_udp.frames import Budget, Reassembly, pack
+
+    async def main() -> None:
+        replies = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(20)]
+        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        service.bind((LO, 0))
+        service.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def answer() -> None:
+            _, peer = service.recvfrom(100)
+            for payload in replies:
+                service.sendto(payload, peer)
+
+        loop.add_reader(service.fileno(), answer)
+        tunnel = forwarder(service.getsockname(), allowed_source=LO, frame_peers=True,
+                           frame_size=1472)
+        await tunnel.start()
+        refusing = _TooLargeForGso(tunnel._listen)
+        tunnel._listen = refusing  # type: ignore[assignment]
+        server_side = Sink()
+        frame, _, _ = pack([b"go"], WG_PAYLOAD, 0)
+        server_side.sock.sendto(bytes(frame), tunnel.address)
+        joined: list[memoryview | bytes] = []
+        reassembly = Reassembly(Budget(1 << 20))
+        fed = 0
+
+        def joined_all() -> bool:
+            nonlocal fed
+            for frame in server_side.got.get(tunnel.address, [])[fed:]:
+                reassembly.feed(memoryview(frame), joined)
+                fed += 1
+            return len(joined) == len(replies)
+
+        await until(joined_all)
+        assert [bytes(d) for d in joined] == replies and tunnel.counters.dropped == 0
+        assert refusing.refused >= 1 and tunnel.frame_size == 1232
+        loop.remove_reader(service.fileno())
+        tunnel._listen = refusing._sock
         await tunnel.close()
         server_side.close()
         service.close()

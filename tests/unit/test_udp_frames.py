@@ -210,3 +210,33 @@ def test_a_shared_budget_is_never_exceeded_and_always_adds_up() -> None:
     for session in sessions:
         session.close()
     assert budget.used == 0 and not budget.holders
+
+
+def test_a_datagram_begun_before_all_others_cannot_grow_by_pushing_them_out() -> None:
+    budget = Budget(6000)
+    stale, honest = Reassembly(budget), Reassembly(budget)
+    got: list[memoryview | bytes] = []
+    head = bytes([0xA0 | CONTINUES]) + (0).to_bytes(4, "big")
+    more = bytes([0xA0 | CONTINUED | CONTINUES]) + (1).to_bytes(4, "big")
+    piece = (2500).to_bytes(2, "big") + bytes(2500)
+    assert stale.feed(memoryview(head + piece), got) == 0  # begun first, never ended
+    honest_frames = frames_of(*pack([datagram(7, 3000)], 1392, 0)[:2])
+    for frame in honest_frames[:-1]:
+        honest.feed(frame, got)  # 2,770 bytes held, waiting for its last frame
+    # The stale one asks to grow past the budget: it is dropped, not the younger one.
+    assert stale.feed(memoryview(more + piece), got) == 1
+    assert honest.feed(honest_frames[-1], got) == 0
+    assert [bytes(d) for d in got] == [datagram(7, 3000)]
+    assert budget.used == 0 and not budget.holders
+
+
+def test_a_frame_holds_at_most_64_pieces_both_ways() -> None:
+    from weft_udp.frames import MAX_PIECES
+
+    data, sizes, _ = pack([b""] * 200, FRAME, 0)
+    assert len(sizes) == 4  # 64 + 64 + 64 + 8 pieces, not one frame of 200
+    assert deliver(frames_of(data, sizes), Reassembly(Budget(100))) == ([b""] * 200, 0)
+    crafted = bytes([0xA0]) + (0).to_bytes(4, "big") + bytes(2 * 693)  # 693 empty pieces
+    got: list[memoryview | bytes] = []
+    assert Reassembly(Budget(100)).feed(memoryview(crafted), got) == 1
+    assert len(got) == MAX_PIECES

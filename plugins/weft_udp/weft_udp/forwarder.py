@@ -706,7 +706,8 @@ class UdpForwarder:
                     if exc.errno == errno.EMSGSIZE:  # frames too large for the path: smaller
                         self._frames_too_large()  # ones from now on; these go fragmented
                     elif exc.errno in _GSO_UNSUPPORTED:
-                        self._gso_off(exc)  # and this run goes one frame at a time
+                        self._gso_off(exc)  # and the rest goes one frame at a time
+                        gso = 0
                     else:  # full buffer, or the peer's address went away: UDP drops
                         self.counters.dropped += stop - start
                         pos = end

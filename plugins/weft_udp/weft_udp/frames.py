@@ -17,8 +17,9 @@ travel in frames that fill the path's packets:
 first piece of a frame may be the end of the datagram the previous frame's last piece began
 (flag CONTINUED), and the last piece may go on in the next frame (flag CONTINUES). A datagram
 that fits an empty frame is never cut: it goes whole, in a new frame if this one has no room, so
-a datagram spans no more packets than it would have had fragments (the same exposure to loss as
-without frames). Larger ones fill the frame they start in and go on in the next.
+a datagram that fits a packet is in one packet, as without frames (the same exposure to loss).
+Larger ones, which WireGuard would fragment anyway, fill the frame they start in and go on in the
+next (at most one packet more than their fragments). A frame holds at most `MAX_PIECES` pieces.
 
 The receiver (`Reassembly`, one per session and direction) joins a datagram's pieces only across
 frames with consecutive numbers; a gap (a frame lost or overtaken) drops the datagram it cut, never
@@ -40,6 +41,9 @@ CONTINUES = 0x02  # the last piece goes on in the next frame
 MAX_DATAGRAM = 65535  # no joined datagram grows past this (UDP's own maximum is 65,507 bytes)
 SEQ_MASK = 0xFFFFFFFF
 MIN_FRAME = HEADER + PIECE + 1
+# Pieces in one frame at most: without a cap, one frame of 693 empty pieces would have the
+# server send 693 datagrams to a visitor for one packet from the tunnel.
+MAX_PIECES = 64
 
 
 def pack(
@@ -57,17 +61,19 @@ def pack(
     out = bytearray()
     sizes: list[int] = []
     start = -1  # where the open frame begins in `out` (-1: none open)
+    pieces = 0  # in the open frame
     for data in datagrams:
         n = len(data)
         if start >= 0:
             room = frame_size - (len(out) - start) - PIECE
-            if n > room and (n <= room_whole or room < 1):
+            if pieces >= MAX_PIECES or (n > room and (n <= room_whole or room < 1)):
                 sizes.append(len(out) - start)  # no room for it whole: close the frame
                 start = -1
         if start < 0:
             start = len(out)
             out += bytes((VERSION,)) + (seq & SEQ_MASK).to_bytes(4, "big")
             seq += 1
+            pieces = 0
         # Write the datagram, going on in new frames while it does not fit the open one.
         done = 0
         while True:
@@ -76,6 +82,7 @@ def pack(
             out += take.to_bytes(2, "big")
             out += data[done : done + take]
             done += take
+            pieces += 1
             if done == n:
                 break
             out[start] |= CONTINUES
@@ -83,6 +90,7 @@ def pack(
             start = len(out)
             out += bytes((VERSION | CONTINUED,)) + (seq & SEQ_MASK).to_bytes(4, "big")
             seq += 1
+            pieces = 0
         if frame_size - (len(out) - start) < PIECE:  # full: not even an empty datagram fits
             sizes.append(len(out) - start)
             start = -1
@@ -108,14 +116,13 @@ class Budget:
         self.holders: OrderedDict[Reassembly, None] = OrderedDict()  # oldest datagram first
 
     def make_room(self, more: int, asking: Reassembly) -> bool:
-        """Drop the oldest datagrams being joined (not `asking`'s) until `more` bytes fit."""
+        """Drop the oldest datagrams being joined until `more` bytes fit; False (nothing
+        dropped) when the oldest is `asking`'s own: a datagram begun before all the others
+        cannot grow by pushing them out."""
         holders = self.holders
         while self.used + more > self.limit:
             oldest = next(iter(holders), None)
-            if oldest is asking:
-                holders.move_to_end(oldest)
-                oldest = next(iter(holders))
-            if oldest is None or oldest is asking:
+            if oldest is None or oldest is asking:  # the stalest is the one asking: it loses
                 return False
             oldest.drop_for_room()
         return True
@@ -155,8 +162,10 @@ class Reassembly:
         self._expect = (seq + 1) & SEQ_MASK
         pos = HEADER
         first = True
+        pieces = 0
         while pos < n:
-            if pos + PIECE > n:
+            pieces += 1
+            if pos + PIECE > n or pieces > MAX_PIECES:
                 return lost + self._malformed()
             size = frame[pos] << 8 | frame[pos + 1]
             pos += PIECE
