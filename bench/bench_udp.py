@@ -1,6 +1,6 @@
 """UDP through Weft against bare WireGuard between the same namespaces, in the same run.
 
-    sudo .venv/bin/python bench/bench_udp.py [--seconds 4] [--rounds 2] [--json]
+    sudo .venv/bin/python bench/bench_udp.py [--seconds 4] [--rounds 2] [--reverse] [--json]
     .venv/bin/python bench/bench_udp.py --cpu [--count 300000] [--size 1400]
 
 Builds its own namespace lab (tests/netns.py) and measures with iperf3 -u over three paths to
@@ -102,10 +102,11 @@ def bare_wireguard(lab: Lab) -> tuple[WgNode, WgNode]:
 
 
 def iperf(
-    client: Host, host: str, port: int, seconds: float, length: int, rate: str
+    client: Host, host: str, port: int, seconds: float, length: int, rate: str,
+    reverse: bool = False,
 ) -> dict[str, float]:
     args = ["iperf3", "-c", host, "-p", str(port), "-u", "-b", rate, "-l", str(length),
-            "-t", str(seconds), "-J"]
+            "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
     result = client.run(args, timeout=seconds + 30)
     data = json.loads(result.stdout)
     if "error" in data:
@@ -124,7 +125,7 @@ def iperf(
 
 
 def run_once(client: Host, host: str, port: int, seconds: float, length: int, rate: str,
-             pids: dict[str, int] | None) -> dict[str, Any]:
+             pids: dict[str, int] | None, reverse: bool = False) -> dict[str, Any]:
     """One iperf3 run; with `pids`, the CPU each of those processes spent per datagram that
     arrived. An overloaded run can fail once ("unable to read from stream socket"): it is run
     again, and a second failure is kept as {"error": ...} (the other rates still count)."""
@@ -132,7 +133,7 @@ def run_once(client: Host, host: str, port: int, seconds: float, length: int, ra
     for attempt in (1, 2):
         before = {name: _cpu(pid) for name, pid in (pids or {}).items()}
         try:
-            figures = iperf(client, host, port, seconds, length, rate)
+            figures = iperf(client, host, port, seconds, length, rate, reverse)
             break
         except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
             figures = {"error": str(exc), "attempts": attempt}
@@ -292,6 +293,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per iperf3 run (default 4)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--reverse", action="store_true",
+                        help="the other way: the service on the tunnel host sends, the visitor "
+                        "receives (iperf3 -R; Weft's replies)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds over every rate and path; medians are reported (default 2)")
     parser.add_argument("--cpu", action="store_true",
@@ -337,7 +341,7 @@ def main() -> int:
         return 2
 
     results: dict[str, Any] = {"loadavg_before": os.getloadavg(), "rounds": args.rounds,
-                               "seconds": args.seconds}
+                               "seconds": args.seconds, "reverse": args.reverse}
     with Lab() as lab:
         # Everything is set up first and stays up: the paths are measured in turns, rate by
         # rate, so a load that comes and goes on a shared machine hits all of them alike.
@@ -368,14 +372,16 @@ def main() -> int:
             }
             for kind, length, rates, key in (("throughput", 1400, THROUGHPUT_RATES, "mbit_s"),
                                               ("small", 64, PPS_RATES, "pps")):
-                rounds = [measure_round(targets, args.seconds, length, rates, key, i)
+                rounds = [measure_round(targets, args.seconds, length, rates, key, i,
+                                        reverse=args.reverse)
                           for i in range(args.rounds)]
                 for path in PATHS:
                     results.setdefault(path, {})[kind] = median_of_rounds(
                         [r[path] for r in rounds], key)
                 results.setdefault("paired", {})[kind] = paired_ratios(rounds, key)
             fits = [measure_round(targets, args.seconds, FITS_LENGTH, THROUGHPUT_RATES,
-                                  "mbit_s", i, paths=("bare",)) for i in range(args.rounds)]
+                                  "mbit_s", i, paths=("bare",), reverse=args.reverse)
+                    for i in range(args.rounds)]
             results["bare"]["fits"] = median_of_rounds([r["bare"] for r in fits], "mbit_s")
             # Shows any path MTU the visitor learned for Weft's address ("mtu 1420" in its cache
             # would mean its datagrams to Weft were fragmented before they left it).
@@ -418,8 +424,8 @@ def forward_port(lab: Lab) -> None:
 
 
 def measure_round(targets: dict[str, Any], seconds: float, length: int, rates: tuple[str, ...],
-                  key: str, index: int, paths: tuple[str, ...] = PATHS
-                  ) -> dict[str, dict[str, Any]]:
+                  key: str, index: int, paths: tuple[str, ...] = PATHS,
+                  reverse: bool = False) -> dict[str, dict[str, Any]]:
     """One round: every offered rate through every path, the paths in turn at each rate (their
     order reversed every other round); each path's best delivery over the rates."""
     order = list(paths) if index % 2 == 0 else list(reversed(paths))
@@ -427,7 +433,8 @@ def measure_round(targets: dict[str, Any], seconds: float, length: int, rates: t
     for rate in rates:
         for path in order:
             client, host, port, pids = targets[path]
-            runs[path][rate] = run_once(client, host, port, seconds, length, rate, pids)
+            runs[path][rate] = run_once(client, host, port, seconds, length, rate, pids,
+                                        reverse)
     best: dict[str, dict[str, Any]] = {}
     for path in paths:
         good = {r: f for r, f in runs[path].items() if "error" not in f}
@@ -491,7 +498,8 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         return f"{figures['lost_percent']:>11.1f}%" if "lost_percent" in figures else f"{'-':>12}"
 
     r = results["ratios"]
-    print(f"UDP, iperf3 -u, best of offered rates, median of {args.rounds} round(s) of "
+    print(f"UDP, iperf3 -u{' -R (the service sends)' if args.reverse else ''}, best of "
+          f"offered rates, median of {args.rounds} round(s) of "
           f"{args.seconds:g} s runs; ratios: median of the rounds' own")
     print(f"{'':28} {'WG alone':>12} {'WG+forward':>12} {'Weft':>12} "
           f"{'Weft/WG':>10} {'Weft/fwd':>10}")
