@@ -474,24 +474,31 @@ def test_a_burst_of_new_visitors_goes_out_a_batch_at_a_time() -> None:
     run(main())
 
 
+def burst_service(burst: list[bytes]) -> socket.socket:
+    """A UDP service that answers any datagram with all of `burst` at once (so the forwarder
+    finds the replies queued together); remove its reader and close it when done."""
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    service.bind((LO, 0))
+    service.setblocking(False)
+
+    def answer() -> None:
+        _, peer = service.recvfrom(100)
+        for payload in burst:
+            service.sendto(payload, peer)
+
+    asyncio.get_running_loop().add_reader(service.fileno(), answer)
+    return service
+
+
 def test_a_burst_of_replies_reaches_the_visitor_whole_and_in_order() -> None:
     """A burst of replies, mixed sizes, queued at once: same datagrams, same order."""
 
     async def main() -> None:
         sizes = [1200] * 80 + [600] + [1200] * 3 + [0, 1392, 1392, 1393, 1400, 30000] + [64] * 40
         burst = [(b"%d|" % i + os.urandom(size))[:size] for i, size in enumerate(sizes)]
-        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        service.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        service.bind((LO, 0))
-        service.setblocking(False)
         loop = asyncio.get_running_loop()
-
-        def answer() -> None:
-            _, peer = service.recvfrom(100)
-            for payload in burst:  # all at once: the forwarder finds them queued
-                service.sendto(payload, peer)
-
-        loop.add_reader(service.fileno(), answer)
+        service = burst_service(burst)
         fwd = forwarder(service.getsockname())
         await fwd.start()
         visitor = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -863,18 +870,8 @@ def test_a_burst_of_replies_goes_back_packed_into_frames(
 
     async def main() -> None:
         replies = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(100)]
-        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        service.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        service.bind((LO, 0))
-        service.setblocking(False)
         loop = asyncio.get_running_loop()
-
-        def answer() -> None:
-            _, peer = service.recvfrom(100)
-            for payload in replies:  # all at once: the forwarder finds them queued
-                service.sendto(payload, peer)
-
-        loop.add_reader(service.fileno(), answer)
+        service = burst_service(replies)
         tunnel = forwarder(service.getsockname(), allowed_source=LO, frame_peers=True,
                            frame_size=WG_PAYLOAD)
         await tunnel.start()
@@ -911,45 +908,21 @@ def test_a_burst_of_replies_goes_back_packed_into_frames(
     run(main())
 
 
-class _TooLargeForGso:
-    """A listening socket whose path refuses GSO sends of frames this size (EMSGSIZE)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.refused = 0
-
-    def sendmsg(self, *args: object) -> int:
-        import errno
-
-        self.refused += 1
-        raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._sock, name)
-
-
 def test_frames_too_large_for_the_path_shrink_and_still_arrive() -> None:
     """EMSGSIZE on a GSO send of frames (the size was wrong for the path): smaller frames from
     then on, and the ones refused go one by one (the kernel fragments them) instead of lost."""
+    import errno
+
     from weft_udp.frames import Budget, Reassembly, pack
 
     async def main() -> None:
         replies = [(b"%d|" % i + os.urandom(1400))[:1400] for i in range(20)]
-        service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        service.bind((LO, 0))
-        service.setblocking(False)
         loop = asyncio.get_running_loop()
-
-        def answer() -> None:
-            _, peer = service.recvfrom(100)
-            for payload in replies:
-                service.sendto(payload, peer)
-
-        loop.add_reader(service.fileno(), answer)
+        service = burst_service(replies)
         tunnel = forwarder(service.getsockname(), allowed_source=LO, frame_peers=True,
                            frame_size=1472)
         await tunnel.start()
-        refusing = _TooLargeForGso(tunnel._listen)
+        refusing = _RefusingGso(tunnel._listen, errno.EMSGSIZE)  # frames too large for GSO
         tunnel._listen = refusing  # type: ignore[assignment]
         server_side = Sink()
         frame, _, _ = pack([b"go"], WG_PAYLOAD, 0)
