@@ -16,8 +16,9 @@ travel in frames that fill the path's packets:
 `seq` counts a session's frames in one direction. A piece is a whole datagram, except that the
 first piece of a frame may be the end of the datagram the previous frame's last piece began
 (flag CONTINUED), and the last piece may go on in the next frame (flag CONTINUES). A datagram
-that fits an empty frame is never cut: it goes whole, in a new frame if this one has no room, so
-a datagram that fits a packet is in one packet, as without frames (the same exposure to loss).
+that fits an empty frame (the frame size less 7 bytes of headers) is never cut: it goes whole, in
+a new frame if this one has no room, so it is in one packet, as without frames (the same exposure
+to loss).
 Larger ones, which WireGuard would fragment anyway, fill the frame they start in and go on in the
 next (at most one packet more than their fragments). A frame holds at most `MAX_PIECES` pieces.
 
