@@ -87,10 +87,6 @@ GSO_MAX_BYTES = 64_000  # payload of one send; the kernel's own cap is a little 
 _GSO_UNSUPPORTED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 _gso = os.environ.get("WEFT_UDP_GSO", "1") != "0"  # and off once the kernel says it cannot
 _segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}  # segment size -> ancillary data
-# Replies to peers (visitors, on the server) in GSO runs: the largest datagram a run may hold,
-# what a 1,500-byte Ethernet MTU carries unfragmented (the peer's path is not known; a path that
-# refuses it turns this off for the route, and the replies go one by one).
-_PEER_SEGMENT = {socket.AF_INET: 1472, socket.AF_INET6: 1452}
 
 # The listening socket's datagrams of one wake-up go one after another into this buffer (shared:
 # reader callbacks run one at a time on the loop thread); a read always has a whole
@@ -272,7 +268,6 @@ class UdpForwarder:
         self._state_summary: asyncio.TimerHandle | None = None
         self._coalesce: asyncio.TimerHandle | None = None
         self.gso_sends = 0  # GSO sends that carried a run of datagrams (for tests and benches)
-        self._peer_gso = True  # replies to peers in GSO runs (off once the path refuses them)
 
     @property
     def address(self) -> Address:
@@ -674,37 +669,22 @@ class UdpForwarder:
     def _send_to_peer(
         self, key: Address, replies: Sequence[memoryview | bytes]
     ) -> tuple[int, int]:
-        """Send replies to a peer as they are, in order, runs of same-size ones in one GSO send
-        (at most `_PEER_SEGMENT` bytes each: what an Ethernet path carries unfragmented);
-        (sent, bytes)."""
+        """Send replies to a peer as they are, one by one, in order; (sent, bytes).
+
+        (Not in GSO runs: the kernel sends GSO segments without DF, so a smaller MTU further
+        on would fragment them silently where a single reply gets its ICMP and path MTU
+        discovery; and one visitor's smaller path would refuse a run. Measured: no gain in
+        throughput with the service sending, bench_udp.py --reverse.)"""
         listen = self._listen
         sent = nbytes = 0
-        if len(replies) > 1 and _gso and self._peer_gso:
-            runs = gso_runs([len(reply) for reply in replies], _PEER_SEGMENT[listen.family])
-        else:
-            runs = [(i, i + 1) for i in range(len(replies))]
-        for start, stop in runs:
-            if stop - start > 1 and self._peer_gso:
-                run = list(replies[start:stop])
-                try:
-                    nbytes += listen.sendmsg(run, self._segment(len(run[0])), 0, key)
-                    sent += stop - start
-                    self.gso_sends += 1
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.EMSGSIZE and exc.errno not in _GSO_UNSUPPORTED:
-                        self.counters.dropped += stop - start  # full buffer, ...: UDP drops
-                        continue
-                    self._peer_gso = False  # this route's peers get one datagram per send
-                    log.info("%s: no GSO towards visitors (%s)", self.name, exc.strerror)
-            for reply in replies[start:stop]:
-                try:
-                    listen.sendto(reply, key)
-                except OSError:  # full buffer, or the peer's address went away: UDP drops
-                    self.counters.dropped += 1
-                    continue
-                sent += 1
-                nbytes += len(reply)
+        for reply in replies:
+            try:
+                listen.sendto(reply, key)
+            except OSError:  # full buffer, or the peer's address went away: UDP drops
+                self.counters.dropped += 1
+                continue
+            sent += 1
+            nbytes += len(reply)
         return sent, nbytes
 
     def _frames_too_large(self) -> None:
