@@ -849,7 +849,7 @@ def test_a_tunnel_side_taking_frames_drops_plain_datagrams_and_counts_them() -> 
                                             "frames": 1})
         assert tunnel.frame_peers and tunnel.frame_size == 1232  # none said: IPv6's minimum
         for size, expected in ((1392, 1392), (True, 1392), (7, 1392), (65508, 1392),
-                               ("1400", 1392), (8, 8), (65507, 65507)):
+                               ("1400", 1392), (11, 1392), (12, 12), (65507, 65507)):
             UdpProtocol().accept_terms(tunnel, {"frames": 1, "frame_size": size})
             assert tunnel.frame_size == expected, size
         UdpProtocol().accept_terms(tunnel, {})  # a server that sent no terms at all
@@ -945,5 +945,67 @@ def test_frames_too_large_for_the_path_shrink_and_still_arrive() -> None:
         await tunnel.close()
         server_side.close()
         service.close()
+
+    run(main())
+
+
+def test_a_new_session_number_on_a_known_port_is_a_new_visitor_at_the_tunnel() -> None:
+    """The tunnel knows a session by the server's port, which the server's kernel gives to the
+    next visitor once a session ends. Frames with a new session number on that port start a new
+    session (a new socket to the service), so the new visitor never rides the old one's socket,
+    whatever the timeouts on either side."""
+    from weft_udp.frames import pack
+
+    async def main() -> None:
+        transport, echo = await start_echo()
+        closed: list[ConnectionSummary] = []
+        tunnel = forwarder(transport.get_extra_info("sockname"), allowed_source=LO,
+                           frame_peers=True, frame_size=WG_PAYLOAD, on_close=closed.append)
+        await tunnel.start()
+        server_port = Sink()  # the server's session socket: one port, two visitors in turn
+        for i, number in enumerate((0x1111, 0x1111, 0x2222)):
+            frame, _, _ = pack([b"hello %x" % number], WG_PAYLOAD, i, number)
+            server_port.sock.sendto(bytes(frame), tunnel.address)
+            await until(lambda n=i + 1: len(server_port.got.get(tunnel.address, [])) == n)
+        assert len(echo.peers) == 2  # the service saw the second visitor from a new port
+        assert [c.reason for c in closed] == ["replaced"]  # the first visitor's session
+        assert tunnel.counters.connections == 2 and tunnel.counters.open == 1
+        from weft_udp.frames import session_of
+
+        # Replies carry the number of the session they belong to.
+        assert [session_of(f) for f in server_port.got[tunnel.address]] == [0x1111] * 2 + [0x2222]
+        await tunnel.close()
+        server_port.close()
+        transport.close()
+
+    run(main())
+
+
+def test_the_server_drops_replies_that_carry_another_sessions_number() -> None:
+    from weft_udp.frames import pack
+
+    async def main() -> None:
+        tunnel_side = Sink()  # stands for the tunnel's forwarder
+        server = forwarder(tunnel_side.address, frame_target=True)
+        await server.start()
+        visitor = client()
+        visitor.sendto(b"hi", server.address)
+        await until(lambda: len(tunnel_side.got) == 1)
+        (session_port,) = tunnel_side.got
+        from weft_udp.frames import session_of
+
+        number = session_of(tunnel_side.got[session_port][0])
+        assert number is not None
+        stale, _, _ = pack([b"for an earlier visitor"], WG_PAYLOAD, 0, number ^ 1)
+        tunnel_side.sock.sendto(bytes(stale), session_port)
+        await until(lambda: server.counters.dropped == 1)
+        reply, _, _ = pack([b"for you"], WG_PAYLOAD, 0, number)
+        tunnel_side.sock.sendto(bytes(reply), session_port)
+        assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(visitor, 100), 2) \
+            == b"for you"
+        assert server.counters.datagrams_out == 1
+        visitor.close()
+        await server.close()
+        tunnel_side.close()
 
     run(main())

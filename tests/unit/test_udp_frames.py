@@ -172,9 +172,9 @@ def test_joining_is_bounded_per_datagram_and_over_all_sessions() -> None:
     assert first.feed(frames[-1], got) == 1  # counted once, its end skipped
     assert len(got) == 1 and budget.used == 0 and not budget.holders
     # A peer's pieces cannot add up past the UDP maximum.
-    head = bytes([0xA0 | CONTINUES]) + (0).to_bytes(4, "big")
+    head = bytes([0xA0 | CONTINUES]) + bytes(4) + (0).to_bytes(4, "big")
     piece = (40_000).to_bytes(2, "big") + bytes(40_000)
-    more = bytes([0xA0 | CONTINUED | CONTINUES]) + (1).to_bytes(4, "big")
+    more = bytes([0xA0 | CONTINUED | CONTINUES]) + bytes(4) + (1).to_bytes(4, "big")
     lone = Reassembly(Budget(1 << 20))
     assert lone.feed(memoryview(head + piece), got) == 0
     assert lone.feed(memoryview(more + piece), got) == 1
@@ -216,8 +216,8 @@ def test_a_datagram_begun_before_all_others_cannot_grow_by_pushing_them_out() ->
     budget = Budget(6000)
     stale, honest = Reassembly(budget), Reassembly(budget)
     got: list[memoryview | bytes] = []
-    head = bytes([0xA0 | CONTINUES]) + (0).to_bytes(4, "big")
-    more = bytes([0xA0 | CONTINUED | CONTINUES]) + (1).to_bytes(4, "big")
+    head = bytes([0xA0 | CONTINUES]) + bytes(4) + (0).to_bytes(4, "big")
+    more = bytes([0xA0 | CONTINUED | CONTINUES]) + bytes(4) + (1).to_bytes(4, "big")
     piece = (2500).to_bytes(2, "big") + bytes(2500)
     assert stale.feed(memoryview(head + piece), got) == 0  # begun first, never ended
     honest_frames = frames_of(*pack([datagram(7, 3000)], 1392, 0)[:2])
@@ -236,7 +236,15 @@ def test_a_frame_holds_at_most_64_pieces_both_ways() -> None:
     data, sizes, _ = pack([b""] * 200, FRAME, 0)
     assert len(sizes) == 4  # 64 + 64 + 64 + 8 pieces, not one frame of 200
     assert deliver(frames_of(data, sizes), Reassembly(Budget(100))) == ([b""] * 200, 0)
-    crafted = bytes([0xA0]) + (0).to_bytes(4, "big") + bytes(2 * 693)  # 693 empty pieces
+    crafted = bytes([0xA0]) + bytes(8) + bytes(2 * 693)  # 693 empty pieces
     got: list[memoryview | bytes] = []
     assert Reassembly(Budget(100)).feed(memoryview(crafted), got) == 1
     assert len(got) == MAX_PIECES
+
+
+def test_frames_carry_their_session_number() -> None:
+    from weft_udp.frames import session_of
+
+    data, sizes, _ = pack([datagram(1, 3000), b"", datagram(2, 10)], FRAME, 5, session=0xDEADBEEF)
+    assert [session_of(f) for f in frames_of(data, sizes)] == [0xDEADBEEF] * len(sizes)
+    assert session_of(b"\x00plain datagram") is None and session_of(b"\xa0abc") is None

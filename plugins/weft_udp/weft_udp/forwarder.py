@@ -46,7 +46,7 @@ import asyncio_dgram
 from weft_core import ConnectionSummary, Counters, NetContext
 
 from .dgram import Stream, connected_stream
-from .frames import Budget, Reassembly, pack
+from .frames import Budget, Reassembly, pack, session_of
 from .sessions import SessionTable, in_step
 
 log = logging.getLogger("weft.udp")
@@ -198,6 +198,7 @@ class _Session:
         "pumping",
         "reassembly",
         "seq",
+        "sid",
         "sock",
         "started",
         "stream",
@@ -217,6 +218,9 @@ class _Session:
         self.gso = 0  # the largest datagram a GSO run towards the target may hold; 0: no GSO
         self.frame_size = 0  # frames towards the target (when it takes frames): their size
         self.seq = 0  # the next frame's number, towards the target or the peer
+        # The session's number in its frames (frames.session_of): drawn by the server, learnt
+        # from the server's first frame by the tunnel.
+        self.sid: int | None = None
         self.reassembly: Reassembly | None = None  # frames from the target or the peer
 
 
@@ -381,10 +385,26 @@ class UdpForwarder:
                 datagrams = found
             assert session is not None
             if framed:
+                frame = view[offset : offset + n]
+                sid = session_of(frame)
+                if sid != session.sid and sid is not None:
+                    if session.sid is not None:
+                        # Another session number on this port: the server has given the port to
+                        # a new visitor, whose datagrams must not reach the service over the old
+                        # visitor's socket. The old session ends ("replaced") and a new one opens.
+                        self._flush(pending)
+                        pending = {}
+                        session = self._open(session.key, now)
+                        if session is None:
+                            dropped += 1
+                            last_addr = None
+                            continue
+                        datagrams = pending[session] = []
+                    session.sid = sid
                 reassembly = session.reassembly
                 if reassembly is None:  # (opened before frames were agreed)
                     reassembly = session.reassembly = Reassembly(_joining)
-                dropped += reassembly.feed(view[offset : offset + n], datagrams)
+                dropped += reassembly.feed(frame, datagrams)
             else:
                 datagrams.append(view[offset : offset + n])
             offset += n
@@ -424,7 +444,8 @@ class UdpForwarder:
     @staticmethod
     def _frames(session: _Session, datagrams: list[memoryview | bytes]) -> list[memoryview]:
         """A session's datagrams packed into frames (frames.pack), one view each."""
-        data, sizes, session.seq = pack(datagrams, session.frame_size, session.seq)
+        data, sizes, session.seq = pack(datagrams, session.frame_size, session.seq,
+                                        session.sid or 0)
         view = memoryview(data)
         frames = []
         pos = 0
@@ -556,6 +577,7 @@ class UdpForwarder:
         session.gso = payload if _gso else 0
         if self.frame_target:
             session.frame_size = payload or DEFAULT_FRAME
+            session.sid = int.from_bytes(os.urandom(4), "big")
         if self.frame_target or self.frame_peers:
             session.reassembly = Reassembly(_joining)
         for old_key, old in self.sessions.add(key, session, now):
@@ -634,6 +656,9 @@ class UdpForwarder:
                 assert session.reassembly is not None
                 joined.clear()
                 for frame in batch:
+                    if session_of(frame) != session.sid:  # not for this session (a stale one's
+                        counters.dropped += 1  # on the tunnel, from before this port was ours)
+                        continue
                     lost = session.reassembly.feed(memoryview(frame), joined)
                     if lost:
                         counters.dropped += lost
@@ -700,7 +725,7 @@ class UdpForwarder:
         (replies sent, their bytes), about one reply less for each frame dropped."""
         if not replies:
             return 0, 0
-        data, sizes, session.seq = pack(replies, self.frame_size, session.seq)
+        data, sizes, session.seq = pack(replies, self.frame_size, session.seq, session.sid or 0)
         view = memoryview(data)
         listen, key = self._listen, session.key
         went = pos = 0

@@ -10,17 +10,21 @@ a WireGuard endpoint behind Weft (its 1,452-byte datagrams) or any large datagra
 packet. So between the server's session socket and the tunnel's forwarder each session's datagrams
 travel in frames that fill the path's packets:
 
-    frame = flags (1 byte) | seq (4 bytes, big-endian) | piece*
+    frame = flags (1 byte) | session (4 bytes) | seq (4 bytes, big-endian) | piece*
     piece = length (2 bytes, big-endian) | that many bytes
 
-`seq` counts a session's frames in one direction. A piece is a whole datagram, except that the
-first piece of a frame may be the end of the datagram the previous frame's last piece began
-(flag CONTINUED), and the last piece may go on in the next frame (flag CONTINUES). A datagram
-that fits an empty frame (the frame size less 7 bytes of headers) is never cut: it goes whole, in
-a new frame if this one has no room, so it is in one packet, as without frames (the same exposure
-to loss).
-Larger ones, which WireGuard would fragment anyway, fill the frame they start in and go on in the
-next (at most one packet more than their fragments). A frame holds at most `MAX_PIECES` pieces.
+`session` is a random number the server gives each visitor's session, carried both ways: the
+tunnel knows a session by the server's port, which the server's kernel hands to the next new
+visitor once a session ends, so a frame with another number on a known port is a new visitor (the
+tunnel starts a new session for it), and a reply with another number is not for this session (the
+server drops it). `seq` counts a session's frames in one direction. A piece is a whole datagram,
+except that the first piece of a frame may be the end of the datagram the previous frame's last
+piece began (flag CONTINUED), and the last piece may go on in the next frame (flag CONTINUES). A
+datagram that fits an empty frame (the frame size less 11 bytes of headers) is never cut: it goes
+whole, in a new frame if this one has no room, so it is in one packet, as without frames (the same
+exposure to loss). Larger ones, which WireGuard would fragment anyway, fill the frame they start
+in and go on in the next (at most one packet more than their fragments). A frame holds at most
+`MAX_PIECES` pieces.
 
 The receiver (`Reassembly`, one per session and direction) joins a datagram's pieces only across
 frames with consecutive numbers; a gap (a frame lost or overtaken) drops the datagram it cut, never
@@ -33,7 +37,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-HEADER = 5  # flags and seq
+HEADER = 9  # flags, session and seq
 PIECE = 2  # a piece's length
 VERSION = 0xA0  # the flags byte's high nibble: what a frame starts with (a plain datagram rarely)
 VERSION_MASK = 0xF0
@@ -48,7 +52,8 @@ MAX_PIECES = 64
 
 
 def pack(
-    datagrams: Sequence[bytes | bytearray | memoryview], frame_size: int, seq: int
+    datagrams: Sequence[bytes | bytearray | memoryview], frame_size: int, seq: int,
+    session: int = 0,
 ) -> tuple[bytearray, list[int], int]:
     """Lay `datagrams` (one session's, in order) out as frames of at most `frame_size` bytes.
 
@@ -59,6 +64,7 @@ def pack(
     if frame_size < MIN_FRAME:
         raise ValueError(f"a frame of {frame_size} bytes holds nothing")
     room_whole = frame_size - HEADER - PIECE  # the largest datagram a frame holds whole
+    tag = (session & 0xFFFFFFFF).to_bytes(4, "big")
     out = bytearray()
     sizes: list[int] = []
     start = -1  # where the open frame begins in `out` (-1: none open)
@@ -72,7 +78,7 @@ def pack(
                 start = -1
         if start < 0:
             start = len(out)
-            out += bytes((VERSION,)) + (seq & SEQ_MASK).to_bytes(4, "big")
+            out += bytes((VERSION,)) + tag + (seq & SEQ_MASK).to_bytes(4, "big")
             seq += 1
             pieces = 0
         # Write the datagram, going on in new frames while it does not fit the open one.
@@ -89,7 +95,7 @@ def pack(
             out[start] |= CONTINUES
             sizes.append(len(out) - start)
             start = len(out)
-            out += bytes((VERSION | CONTINUED,)) + (seq & SEQ_MASK).to_bytes(4, "big")
+            out += bytes((VERSION | CONTINUED,)) + tag + (seq & SEQ_MASK).to_bytes(4, "big")
             seq += 1
             pieces = 0
         if frame_size - (len(out) - start) < PIECE:  # full: not even an empty datagram fits
@@ -98,6 +104,13 @@ def pack(
     if start >= 0:
         sizes.append(len(out) - start)
     return out, sizes, seq & SEQ_MASK
+
+
+def session_of(frame: memoryview | bytes) -> int | None:
+    """The session number a frame carries, or None if it is no frame."""
+    if len(frame) < HEADER or frame[0] & VERSION_MASK != VERSION:
+        return None
+    return int.from_bytes(frame[1:5], "big")
 
 
 class Budget:
@@ -148,7 +161,7 @@ class Reassembly:
         if n < HEADER or frame[0] & VERSION_MASK != VERSION:
             return 1
         flags = frame[0]
-        seq = int.from_bytes(frame[1:5], "big")
+        seq = int.from_bytes(frame[5:9], "big")
         lost, self._owed = self._owed, 0
         if seq != self._expect:
             if self._partial is not None:
