@@ -163,6 +163,15 @@ def probe_payload(net: NetContext, peer: Address) -> int:
         sock.close()
 
 
+def _carried(datagrams: Sequence[memoryview | bytes], went: int, frames: int) -> tuple[int, int]:
+    """(datagrams, bytes) that `went` of the `frames` they were packed into carried: all of
+    them, or a share when frames were dropped (those count as about one datagram each)."""
+    nbytes = sum(map(len, datagrams))
+    if went == frames:
+        return len(datagrams), nbytes
+    return len(datagrams) * went // frames, nbytes * went // frames
+
+
 def peer_name(addr: Address) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -426,13 +435,9 @@ class UdpForwarder:
             if not datagrams:
                 continue
             if self.frame_target:
-                frames = self._frames(session, datagrams)
+                frames = self._frames(session, datagrams, session.frame_size)
                 went, _ = self._send_all(session, frames)
-                if went == len(frames):
-                    sent, nbytes = len(datagrams), sum(map(len, datagrams))
-                else:  # (the frames lost are counted as dropped: about one datagram each)
-                    sent = len(datagrams) * went // len(frames)
-                    nbytes = sum(map(len, datagrams)) * went // len(frames)
+                sent, nbytes = _carried(datagrams, went, len(frames))
             else:
                 sent, nbytes = self._send_all(session, datagrams)
             if sent:
@@ -442,10 +447,11 @@ class UdpForwarder:
                 session.bytes_in += nbytes
 
     @staticmethod
-    def _frames(session: _Session, datagrams: list[memoryview | bytes]) -> list[memoryview]:
+    def _frames(
+        session: _Session, datagrams: Sequence[memoryview | bytes], frame_size: int
+    ) -> list[memoryview]:
         """A session's datagrams packed into frames (frames.pack), one view each."""
-        data, sizes, session.seq = pack(datagrams, session.frame_size, session.seq,
-                                        session.sid or 0)
+        data, sizes, session.seq = pack(datagrams, frame_size, session.seq, session.sid or 0)
         view = memoryview(data)
         frames = []
         pos = 0
@@ -650,7 +656,8 @@ class UdpForwarder:
             if self._target_failing:
                 self._target_answered()
             batch = stream.queued(data)
-            self._drain(session, batch)  # the more at once, the fuller the frames / GSO runs
+            if self.frame_peers:  # the more replies at once, the fuller the frames
+                self._drain(session, batch)
             replies: list[memoryview | bytes] | list[bytes] = batch
             if framed_replies:
                 assert session.reassembly is not None
@@ -722,21 +729,18 @@ class UdpForwarder:
         self, session: _Session, replies: Sequence[memoryview | bytes]
     ) -> tuple[int, int]:
         """Send a session's replies to its peer in frames (runs of full ones in one GSO send);
-        (replies sent, their bytes), about one reply less for each frame dropped."""
+        (replies sent, their bytes)."""
         if not replies:
             return 0, 0
-        data, sizes, session.seq = pack(replies, self.frame_size, session.seq, session.sid or 0)
-        view = memoryview(data)
+        frames = self._frames(session, replies, self.frame_size)
         listen, key = self._listen, session.key
-        went = pos = 0
-        gso = self.frame_size if _gso and len(sizes) > 1 else 0
-        for start, stop in gso_runs(sizes, gso) if gso else [(0, len(sizes))]:
-            end = pos + sum(sizes[start:stop])
+        went = 0
+        gso = self.frame_size if _gso and len(frames) > 1 else 0
+        for start, stop in gso_runs([len(f) for f in frames], gso) if gso else [(0, len(frames))]:
             if stop - start > 1 and gso:
                 try:
-                    listen.sendmsg([view[pos:end]], self._segment(sizes[start]), 0, key)
+                    listen.sendmsg(frames[start:stop], self._segment(len(frames[start])), 0, key)
                     went += stop - start
-                    pos = end
                     continue
                 except OSError as exc:
                     if exc.errno == errno.EMSGSIZE:  # frames too large for the path: smaller
@@ -746,18 +750,14 @@ class UdpForwarder:
                         gso = 0
                     else:  # full buffer, or the peer's address went away: UDP drops
                         self.counters.dropped += stop - start
-                        pos = end
                         continue
-            for size in sizes[start:stop]:
+            for frame in frames[start:stop]:
                 try:
-                    listen.sendto(view[pos : pos + size], key)
+                    listen.sendto(frame, key)
                     went += 1
                 except OSError:  # full buffer, or the peer's address went away: UDP drops
                     self.counters.dropped += 1
-                pos += size
-        if went == len(sizes):
-            return len(replies), sum(map(len, replies))
-        return len(replies) * went // len(sizes), sum(map(len, replies)) * went // len(sizes)
+        return _carried(replies, went, len(frames))
 
     # --- sessions ----------------------------------------------------------------------------
 
