@@ -15,7 +15,14 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY weft_core ./weft_core
 COPY plugins ./plugins
-RUN pip install --no-cache-dir . ./plugins/weft_tcp ./plugins/weft_udp ./plugins/weft_http
+# gcc only while installing: it builds weft_http's compiled fast path (optional, ~10% less CPU
+# per proxied HTTP request), then goes.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . ./plugins/weft_tcp ./plugins/weft_udp ./plugins/weft_http \
+    && python -c "import weft_http._h1c" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 VOLUME /var/lib/weft
 # Control API (TCP), WireGuard (UDP), HTTP and HTTPS virtual hosts.

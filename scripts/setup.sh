@@ -18,9 +18,10 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 APT_PACKAGES=(wireguard-go wireguard-tools nftables iproute2 iputils-ping pebble iperf3 socat dnsmasq-base
               wrk nginx-light
               curl openssl procps python3-venv
-              bind9-dnsutils)
+              bind9-dnsutils
+              gcc python3-dev)  # weft_http's compiled fast path (plugins/weft_http/setup.py)
 # One binary per package above (python3-venv is checked through dpkg only).
-BINARIES=(wireguard-go wg nft ip ping pebble iperf3 socat dnsmasq wrk nginx curl openssl ps dig)
+BINARIES=(wireguard-go wg nft ip ping pebble iperf3 socat dnsmasq wrk nginx curl openssl ps dig gcc)
 
 have_binaries() {
     local bin
@@ -101,9 +102,10 @@ for plugin in plugins/weft_udp plugins/weft_http; do
     fi
 done
 
-# Re-install only when a pyproject.toml (or the set of packages) changed.
+# Re-install only when a pyproject.toml, setup.py or C source (or the set of packages) changed.
 stamp_file="$VENV/.weft-setup-stamp"
-stamp=$({ printf '%s\n' "${PIP_ARGS[@]}"; cat pyproject.toml plugins/*/pyproject.toml 2>/dev/null; } \
+stamp=$({ printf '%s\n' "${PIP_ARGS[@]}"; cat pyproject.toml plugins/*/pyproject.toml \
+          plugins/*/setup.py plugins/*/*/*.c 2>/dev/null; } \
         | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && [ -x "$VENV/bin/weft" ]; then
     say "Python packages up to date in $VENV"

@@ -19,6 +19,11 @@ import attrs
 
 from weft_core.urls import HostNameError, ascii_host_name
 
+try:  # the compiled fast path for common heads (_h1c.c); without it, the same in Python
+    from weft_http import _h1c
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _h1c = None  # type: ignore[assignment]
+
 MAX_HEAD = 32 * 1024
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 32 * 1024
@@ -108,18 +113,23 @@ class _Head:
     """A head kept as bytes in canonical form (start line, `Name: value` lines ending in CRLF,
     a blank line): fields are looked up in those bytes, not parsed into objects per request."""
 
-    __slots__ = ("_headers", "_low", "raw", "version")
+    __slots__ = ("_framing", "_headers", "_keep", "_low", "raw", "version")
 
     raw: bytes
     version: str
     _low: bytes
     _headers: Headers | None
+    # Found by _h1c's one pass when it took the head (None: look in the bytes as usual).
+    _keep: bool | None
+    _framing: Framing | None
 
     def _init(self, raw: bytes, version: str, headers: Headers | None) -> None:
         self.raw = raw
         self._low = raw.lower()
         self.version = version
         self._headers = headers
+        self._keep = None
+        self._framing = None
 
     @property
     def headers(self) -> Headers:
@@ -164,6 +174,8 @@ class _Head:
 
     @property
     def keep_alive(self) -> bool:
+        if self._keep is not None:
+            return self._keep
         low = self._low
         if _CONNECTION not in low:
             return self.version != "HTTP/1.0"
@@ -242,6 +254,8 @@ class RequestHead(_Head):
     @property
     def has_forwarding(self) -> bool:
         """Whether the visitor sent forwarding headers of its own (possibly: a cheap check)."""
+        if self._framing is not None:  # taken by _h1c, which leaves such heads to Python
+            return False
         low = self._low
         # Also the underscore spellings, which CGI/WSGI servers read as the same header.
         return (
@@ -280,6 +294,10 @@ class ResponseHead(_Head):
 
 
 def parse_request_head(head: bytes) -> RequestHead:
+    if _h1c is not None:
+        fast = _h1c.request(head)
+        if fast is not None:
+            return _fast_request(head, *fast)
     first = head.find(b"\r\n")
     if first > 0 and _CLEAN_FIELDS_RE.match(head, first + 2):
         parts = head[:first].split(b" ")
@@ -324,6 +342,10 @@ def _parse_request_head_slowly(head: bytes) -> RequestHead:
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
+    if _h1c is not None:
+        fast = _h1c.response(head)
+        if fast is not None:
+            return _fast_response(head, *fast)
     first = head.find(b"\r\n")
     if first > 0 and _CLEAN_FIELDS_RE.match(head, first + 2):
         parts = head[:first].split(b" ", 2)
@@ -350,6 +372,34 @@ def _parse_response_head_slowly(head: bytes) -> ResponseHead:
         reason=parts[2].decode("latin-1") if len(parts) > 2 else "",
         headers=_parse_headers(lines[1:], 502),
     )
+
+
+def _fast_request(head: bytes, method: str, target: str, version: str, host: str,
+                  length: int, keep_alive: bool) -> RequestHead:
+    """A RequestHead from what _h1c found: a clean head with one Host, no Transfer-Encoding, at
+    most one plain Content-Length, no Upgrade and no forwarding fields of the visitor's."""
+    request = RequestHead.__new__(RequestHead)
+    request.method = method
+    request.target = target
+    request._hosts = [host]
+    request._init(head, version, None)
+    request._keep = keep_alive
+    request._framing = _length_framing(length) if length > 0 else NO_BODY
+    return request
+
+
+def _fast_response(head: bytes, version: str, status: int, reason: str, chunked: int,
+                   length: int, keep_alive: bool) -> ResponseHead:
+    """A ResponseHead from what _h1c found: a clean head, a final status with three digits,
+    and framing by one `chunked` coding, one plain Content-Length, or neither (until close)."""
+    response = ResponseHead.__new__(ResponseHead)
+    response.status = status
+    response.reason = reason
+    response._init(head, version, None)
+    response._keep = keep_alive
+    response._framing = CHUNKED if chunked else CLOSE if length < 0 else \
+        _length_framing(length) if length else NO_BODY
+    return response
 
 
 # --- body framing ------------------------------------------------------------------------------
@@ -413,6 +463,8 @@ _LENGTHS: dict[int, Framing] = {}
 
 def request_body(request: RequestHead) -> Framing:
     """How the request body is framed (RFC 9112 6.3). Refuses ambiguous framing (smuggling)."""
+    if request._framing is not None:
+        return request._framing
     low = request._low
     if _TRANSFER_ENCODING not in low and _CONTENT_LENGTH not in low:
         return NO_BODY
@@ -439,6 +491,8 @@ def response_body(response: ResponseHead, request_method: str) -> Framing:
     status = response.status
     if request_method == "HEAD" or status < 200 or status == 204 or status == 304:
         return NO_BODY
+    if response._framing is not None:
+        return response._framing
     low = response._low
     if _TRANSFER_ENCODING in low:
         codings = response._tokens(_TRANSFER_ENCODING)

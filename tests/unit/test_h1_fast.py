@@ -1,0 +1,224 @@
+"""weft_http's compiled fast path (`_h1c.c`) against h1.py's Python, which stays the reference.
+
+The C functions take only common, clean heads and leave the rest to Python; for every head they
+take, everything the proxy reads from the parsed head must be what the Python path gives, and
+for every head they leave, the Python path's answer (or error) must be unchanged. Random heads
+built from the fields and values that matter for routing and framing (smuggling shapes
+included), and random byte damage on valid heads, go through both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from weft_http import h1
+
+FAST = h1._h1c
+
+METHODS = [b"GET", b"POST", b"HEAD", b"PUT", b"OPTIONS", b"CONNECT", b"connect", b"G\xe9T", b"",
+           b"GET/", b"DELETE"]
+TARGETS = [b"/", b"/1k", b"/a?b=c&d", b"/%20x", b"/\xe9", b"*", b"http://app.example.test/x",
+           b"HTTP://App.Example.Test", b"/a\x7fb", b"/a\x01", b"", b"x", b"//",
+           b"/.well-known/acme-challenge/t"]
+VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 ", b"HTTP/1.10",
+            b"HTTP/1"]
+NAMES = [b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding",
+         b"Connection", b"connection", b"Upgrade", b"X-Forwarded-For", b"X_Forwarded_For",
+         b"x-forwarded-host", b"Forwarded", b"X-Real-IP", b"x_real_ip", b"X-Forwarded",
+         b"Accept", b"User-Agent", b"Cookie", b"Forwarded-X", b"X-Real-IPv6", b"Host ", b"Ho st",
+         b"", b"Content-Length ", b"C\xe9"]
+VALUES = [b"app.example.test", b"App.Example.Test:8080", b"", b" ", b"\t5\t", b"5", b"0", b"00",
+          b"-1", b"+5", b"5,5", b"5, 6", b"1" * 18, b"1" * 19, b"\xb2", b"chunked", b"Chunked",
+          b"gzip, chunked", b"chunked, gzip", b" chunked ", b"\x0bchunked", b"close",
+          b"Keep-Alive", b"keep-alive, Upgrade", b"upgrade", b"Close, x", b" , close ,",
+          b"websocket", b"1.2.3.4", b"for=1.2.3.4", b"text/html", b"a\x00b", b"a\x7fb",
+          b"caf\xc3\xa9.example", b"\xe9", b"x" * 200, b"[::1]:80", b"a:b:c", b"\t", b"a b",
+          b"gzip;q=1", b"chunked;x=1", b"identity"]
+STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content",
+                b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 404", b"HTTP/1.1 500 Internal  Error",
+                b"HTTP/1.1 101 Switching Protocols", b"HTTP/1.1 100 Continue", b"HTTP/1.1 0200 OK",
+                b"HTTP/1.1 99 Low", b"HTTP/1.1 1000 High", b"HTTP/1.2 200 OK", b"HTTP/1.1x 200 OK",
+                b"HTTP/2 200 OK", b"HTTP/1.1  200 OK", b"HTTP/1.1 2x0 OK",
+                b"HTTP/1.1 200 \xe9t\xe9", b"HTTP/1.1 200 OK\x00", b"HTTP/1.1", b"HTTP/1.1 999 Odd"]
+EOLS = [b"\r\n"] * 12 + [b"\n", b"\r", b"\r\r\n"]
+SEP = [b": ", b":", b":\t", b" : ", b"::"]
+
+
+def _head(rng: random.Random, first: bytes, names: list[bytes]) -> bytes:
+    lines = [first]
+    for _ in range(rng.randrange(0, 6)):
+        lines.append(rng.choice(names) + rng.choice(SEP[:2] * 6 + SEP) + rng.choice(VALUES))
+    eol = rng.choice(EOLS)
+    if rng.random() < 0.8:  # mostly one line end for the whole head, as real clients do
+        return eol.join(lines) + eol + eol
+    return b"".join(line + rng.choice(EOLS) for line in lines) + rng.choice(EOLS)
+
+
+def _damaged(rng: random.Random, head: bytes) -> bytes:
+    data = bytearray(head)
+    for _ in range(rng.randrange(1, 4)):
+        at = rng.randrange(len(data))
+        action = rng.randrange(3)
+        if action == 0:
+            data[at] = rng.choice(b" \t\r\n:,\x00\x7f\xe9aZ0")
+        elif action == 1:
+            del data[at]
+        else:
+            data.insert(at, rng.choice(b" \t\r\n:,\x00\x7f\xe9aZ0"))
+    return bytes(data)
+
+
+def requests(count: int, seed: int) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    common = [b"Host: app.example.test", b"User-Agent: curl/8.0", b"Accept: */*"]
+    for i in range(count):
+        if i % 2 == 0:  # a common head with fields added, sometimes damaged
+            first = b" ".join((rng.choice(METHODS[:5]), rng.choice(TARGETS[:6]),
+                               rng.choice(VERSIONS[:2])))
+            lines = [first, *common]
+            for _ in range(rng.randrange(3)):
+                lines.insert(rng.randrange(1, len(lines) + 1),
+                             rng.choice(NAMES) + rng.choice(SEP[:2]) + rng.choice(VALUES))
+            head = b"\r\n".join(lines) + b"\r\n\r\n"
+            yield _damaged(rng, head) if i % 6 == 0 else head
+        else:
+            first = b" ".join((rng.choice(METHODS), rng.choice(TARGETS), rng.choice(VERSIONS)))
+            yield _head(rng, first, NAMES[:3] * 4 + NAMES)
+
+
+def responses(count: int, seed: int) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    for i in range(count):
+        head = _head(rng, rng.choice(STATUS_LINES), NAMES)
+        yield _damaged(rng, head) if i % 3 == 0 else head
+
+
+def _try(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except h1.ParseError as exc:
+        return ("ParseError", exc.status, exc.message)
+
+
+def describe_request(head: bytes) -> Any:
+    """Everything the virtual host reads from a request head, or the refusal."""
+    request = _try(h1.parse_request_head, head)
+    if isinstance(request, tuple):
+        return request
+    extra = h1.render_fields([("X-Forwarded-For", "198.51.100.20")])
+    return (request.method, request.target, request.version, request.raw, request.headers,
+            request.host_header, request.host, request.path, request.keep_alive,
+            request.upgrade, request.has_forwarding, _try(h1.request_body, request),
+            h1.render_request_head(request, extra), request.get("content-length"))
+
+
+def describe_response(head: bytes) -> Any:
+    response = _try(h1.parse_response_head, head)
+    if isinstance(response, tuple):
+        return response
+    return (response.version, response.status, response.reason, response.raw, response.headers,
+            response.keep_alive, _try(h1.response_body, response, "GET"),
+            _try(h1.response_body, response, "HEAD"), response.get("transfer-encoding"))
+
+
+def both(describe: Any, head: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    with monkeypatch.context() as m:
+        m.setattr(h1, "_h1c", None)
+        reference = describe(head)
+    return describe(head), reference
+
+
+def test_the_compiled_fast_path_is_built() -> None:
+    # scripts/setup.sh installs gcc and python3-dev, so the tests run the code users run;
+    # WEFT_PURE_PYTHON=1 is for a machine without a compiler (about 4-5 us more per request).
+    if FAST is None and os.environ.get("WEFT_PURE_PYTHON") != "1":
+        pytest.fail("weft_http._h1c is not built: install gcc and python3-dev, then re-run "
+                    "scripts/setup.sh (or set WEFT_PURE_PYTHON=1 to test the Python path only)")
+
+
+needs_fast = pytest.mark.skipif(FAST is None, reason="weft_http._h1c is not built")
+
+
+@needs_fast
+def test_common_heads_take_the_fast_path() -> None:
+    assert FAST.request(b"GET /1k HTTP/1.1\r\nHost: App.Example.Test\r\nUser-Agent: wrk\r\n"
+                        b"\r\n") == ("GET", "/1k", "HTTP/1.1", "App.Example.Test", -1, True)
+    assert FAST.request(b"POST /u HTTP/1.0\r\nHost: a\r\nContent-Length: 10\r\n"
+                        b"Connection: Keep-Alive\r\n\r\n") == \
+        ("POST", "/u", "HTTP/1.0", "a", 10, True)
+    assert FAST.response(b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n") == \
+        ("HTTP/1.1", 200, "OK", 0, 1024, True)
+    assert FAST.response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n") == ("HTTP/1.1", 200, "OK", 1, -1, False)
+    # Left to Python: what needs its checks or its rewriting.
+    for head in (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                 b"GET / HTTP/1.1\nHost: a\n\n", b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+                 b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"):
+        assert FAST.request(head) is None, head
+
+
+@needs_fast
+@pytest.mark.parametrize("seed", range(4))
+def test_requests_read_the_same_either_way(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = 0
+    for head in requests(3000, seed):
+        fast, reference = both(describe_request, head, monkeypatch)
+        assert fast == reference, head
+        taken += FAST.request(head) is not None
+    assert taken > 300  # the comparison did exercise the fast path
+
+
+@needs_fast
+@pytest.mark.parametrize("seed", range(4))
+def test_responses_read_the_same_either_way(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = 0
+    for head in responses(3000, seed):
+        fast, reference = both(describe_response, head, monkeypatch)
+        assert fast == reference, head
+        taken += FAST.response(head) is not None
+    assert taken > 300
+
+
+@needs_fast
+def test_fast_path_takes_any_bytes_object_and_never_reads_past_it() -> None:
+    for head in (b"", b"\r\n", b"\r\n\r\n", b"G", b"GET / HTTP/1.1\r", b"GET / HTTP/1.1\r\n",
+                 b"GET / HTTP/1.1\r\nHost: a\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r",
+                 b"HTTP/1.1 200 OK\r\nA:\r\n\r"):
+        assert FAST.request(head) is None
+        assert FAST.response(head) is None
+    assert FAST.request(memoryview(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")) is not None
+    with pytest.raises(TypeError):
+        FAST.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
+FRAMING_FIELDS = [name + b": " + value
+                  for name in (b"Transfer-Encoding", b"Content-Length", b"Connection", b"Host")
+                  for value in (b"chunked", b"Chunked", b"chunked;x=1", b"a b", b"gzip", b"",
+                                b"5", b"05", b" 5", b"5,5", b"1" * 19, b"close", b"keep-alive",
+                                b"app.example.test")]
+
+
+@needs_fast
+def test_every_pair_of_framing_fields_reads_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smuggling shapes, exhaustively: each framing field alone and every ordered pair."""
+    pairs: list[tuple[bytes, ...]] = [(f,) for f in FRAMING_FIELDS]
+    pairs += [(f, g) for f in FRAMING_FIELDS for g in FRAMING_FIELDS]
+    for fields in pairs:
+        rest = b"".join(field + b"\r\n" for field in fields)
+        for describe, head in (
+            (describe_request, b"POST /u HTTP/1.1\r\nHost: app.example.test\r\n" + rest + b"\r\n"),
+            (describe_request, b"POST /u HTTP/1.0\r\n" + rest + b"\r\n"),
+            (describe_response, b"HTTP/1.1 200 OK\r\n" + rest + b"\r\n"),
+            (describe_response, b"HTTP/1.0 200 OK\r\n" + rest + b"\r\n"),
+        ):
+            fast, reference = both(describe, head, monkeypatch)
+            assert fast == reference, head
