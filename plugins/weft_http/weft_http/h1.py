@@ -13,6 +13,7 @@ Nothing here touches a socket. The proxy feeds bytes in and gets decisions out:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 
 import attrs
@@ -22,6 +23,8 @@ from weft_core.urls import HostNameError, ascii_host_name
 try:  # the compiled fast path for common heads (_h1c.c); without it, the same in Python
     from weft_http import _h1c
 except ImportError:  # pragma: no cover - a build without a C compiler
+    _h1c = None  # type: ignore[assignment]
+if os.environ.get("WEFT_HTTP_FAST") == "0":  # to compare, or to rule it out when chasing a bug
     _h1c = None  # type: ignore[assignment]
 
 MAX_HEAD = 32 * 1024
