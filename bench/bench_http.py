@@ -11,7 +11,9 @@ forwarding headers. wrk on the visitor host measures requests per second and lat
 responses through both, alternating in rounds (weft then nginx, then nginx then weft, ...) so a
 load that comes and goes on a shared machine hits both alike, and reports the medians; curl
 measures large-download throughput through both and straight over WireGuard from the server host.
-Prints figures and ratios; never fails on a timing.
+Prints figures and ratios; never fails on a timing. `--floor` adds a third side, a bare byte
+relay on Weft's event loop (bench/relay_floor.py): the CPU per request any proxy built like
+Weft's pays before doing any HTTP work.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bench_tcp import process_cpu_seconds
 
 NAME = "bench.example.test"
 BASELINE_PORT = 8000
+FLOOR_PORT = 8001
 
 NGINX_APP = """
 user root;
@@ -151,6 +154,9 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3,
                         help="wrk runs per side, alternating; medians are reported")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure a bare byte relay on Weft's event loop (no HTTP work: "
+                             "bench/relay_floor.py), the floor under Weft's CPU per request")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
@@ -174,17 +180,24 @@ def main() -> int:
                 "nginx-proxy")
             wait_tcp_port(lab.visitor, SERVER_IP, BASELINE_PORT)
             proxies = {"weft": [server.proc.pid], "nginx": nginx_pids(work / "proxy")}
+            urls = {"weft": f"http://{SERVER_IP}/1k",
+                    "nginx": f"http://{SERVER_IP}:{BASELINE_PORT}/1k"}
+            if args.floor:
+                relay = lab.server.popen(
+                    [sys.executable, str(Path(__file__).with_name("relay_floor.py")), SERVER_IP,
+                     str(FLOOR_PORT), wg_addr, str(fwd_port)], name="relay-floor")
+                relay.wait_for_line("relay ready")
+                proxies["relay"] = [relay.pid]
+                urls["relay"] = f"http://{SERVER_IP}:{FLOOR_PORT}/1k"
 
-            weft_url = f"http://{SERVER_IP}/1k"
-            nginx_url = f"http://{SERVER_IP}:{BASELINE_PORT}/1k"
-            wrk(lab, weft_url, 2, args.connections)  # warm up both paths
-            wrk(lab, nginx_url, 2, args.connections)
+            for url in urls.values():  # warm up every path
+                wrk(lab, url, 2, args.connections)
             load_before = os.getloadavg()[0]
-            runs: dict[str, list[dict[str, float]]] = {"weft": [], "nginx": []}
+            runs: dict[str, list[dict[str, float]]] = {side: [] for side in urls}
             for i in range(max(args.rounds, 1)):
-                order = (("weft", weft_url), ("nginx", nginx_url))
-                for side, url in order if i % 2 == 0 else order[::-1]:
-                    runs[side].append(wrk(lab, url, args.duration, args.connections,
+                order = list(urls)
+                for side in order if i % 2 == 0 else order[::-1]:
+                    runs[side].append(wrk(lab, urls[side], args.duration, args.connections,
                                           proxies[side]))
             load_after = os.getloadavg()[0]
             weft, base = median_run(runs["weft"]), median_run(runs["nginx"])
@@ -210,6 +223,12 @@ def main() -> int:
           f"p99 {weft['p99'] / base['p99']:.2f} (goal <= 2.0)")
     print(f"  server-side proxy CPU per request (user+sys, median): weft server "
           f"{weft['cpu_us']:.1f} us, nginx {base['cpu_us']:.1f} us")
+    if "relay" in runs:
+        floor = median_run(runs["relay"])
+        print(f"  bare byte relay on Weft's loop (no HTTP work): {floor['rps']:.0f} req/s, "
+              f"p99 {floor['p99']:.2f} ms, {floor['cpu_us']:.1f} us CPU per request (rounds: "
+              + ", ".join(f"{r['cpu_us']:.1f}" for r in runs["relay"])
+              + f"); weft's HTTP work on top of it: {weft['cpu_us'] - floor['cpu_us']:.1f} us")
     print(f"\n{args.big_mib} MiB download (Mbit/s):")
     print(f"  weft virtual host {big_weft:.0f}, nginx reverse proxy {big_nginx:.0f}, "
           f"straight over WireGuard from the server {big_wg:.0f}")

@@ -323,12 +323,21 @@ def test_smuggling_shaped_heads_are_refused_with_400(raw: bytes) -> None:
     assert caught.value.status == 400
 
 
-def test_underscore_forwarding_headers_from_the_visitor_are_dropped() -> None:
-    request = h1.parse_request_head(
-        b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n\r\n"
-    )
+@pytest.mark.parametrize("fields", [
+    b"X_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n",
+    # Mixed spellings: a WSGI server reads X-Forwarded_For as HTTP_X_FORWARDED_FOR too.
+    b"X-Forwarded_For: 6.6.6.6\r\nX-Real_IP: 6.6.6.6\r\n",
+    b"X_Forwarded-Host: 6.6.6.6\r\nx_real-ip: 6.6.6.6\r\n",
+    # Any X-Forwarded-*: Rack reads X-Forwarded-Ssl and -Scheme for the scheme.
+    b"X-Forwarded-Ssl: 6.6.6.6\r\nX-Forwarded-Scheme: 6.6.6.6\r\nX-Forwarded-Prefix: 6.6.6.6\r\n",
+    b"forwarded: for=6.6.6.6\r\n",
+])
+def test_forwarding_headers_from_the_visitor_are_dropped_in_any_spelling(fields: bytes) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + fields + b"Accept: x\r\n\r\n"
+    request = h1.parse_request_head(head)
     out = h1.render_request_head(request, [("X-Forwarded-For", "198.51.100.20")])
     assert b"6.6.6.6" not in out and b"X-Forwarded-For: 198.51.100.20" in out
+    assert b"Accept: x" in out
 
 
 def test_an_oversized_host_is_refused_before_any_idna_work(

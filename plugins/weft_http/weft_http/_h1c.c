@@ -46,10 +46,16 @@ static int name_is(const unsigned char *p, Py_ssize_t n, const char *lit)
     return 1;
 }
 
-static int name_starts(const unsigned char *p, Py_ssize_t n, const char *lit)
+/* Like name_is, with `_` read as `-` (h1.is_forwarding_field); `prefix`: `lit` may go on. */
+static int dashed_name_is(const unsigned char *p, Py_ssize_t n, const char *lit, int prefix)
 {
     Py_ssize_t len = (Py_ssize_t)strlen(lit);
-    return n >= len && name_is(p, len, lit);
+    if (prefix ? n < len : n != len) return 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned char c = p[i] == '_' ? '-' : lower(p[i]);
+        if (c != (unsigned char)lit[i]) return 0;
+    }
+    return 1;
 }
 
 typedef struct {
@@ -134,10 +140,9 @@ static int scan_fields(const unsigned char *s, Py_ssize_t pos, Py_ssize_t len, i
         case 'f':
             if (request && name_is(n, name_len, "forwarded")) f->other = 1;
             break;
-        case 'x':  /* also the underscore spellings, which CGI/WSGI servers read alike */
-            if (request && (name_starts(n, name_len, "x-forwarded-") ||
-                            name_starts(n, name_len, "x_forwarded_") ||
-                            name_is(n, name_len, "x-real-ip") || name_is(n, name_len, "x_real_ip")))
+        case 'x':  /* any spelling with `_` for `-`, which CGI/WSGI servers read alike */
+            if (request && (dashed_name_is(n, name_len, "x-forwarded-", 1) ||
+                            dashed_name_is(n, name_len, "x-real-ip", 0)))
                 f->other = 1;
             break;
         }

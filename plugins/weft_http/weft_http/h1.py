@@ -35,10 +35,14 @@ _TCHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 5.6.2: the characters of a
 _CTLS = rb"[\x00-\x08\x0a-\x1f\x7f]"  # control characters but HTAB: never in a field value
 _TOKEN_RE = re.compile(_TCHARS + rb"+\Z")
 _HOSTNAME_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
-FORWARDING_HEADERS = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
-     "x-real-ip", "forwarded"}
-)
+
+
+def is_forwarding_field(name: str) -> bool:
+    """Whether a visitor's field claims something about the connection that only Weft knows:
+    any X-Forwarded-* (For, Proto, Host, Port, Ssl, Prefix, ...), X-Real-IP or Forwarded, in
+    any case and with `_` for `-` anywhere (CGI/WSGI servers read `X_Forwarded-For` alike)."""
+    name = name.lower().replace("_", "-")
+    return name.startswith("x-forwarded-") or name == "x-real-ip" or name == "forwarded"
 
 
 class ParseError(Exception):
@@ -191,13 +195,14 @@ class _Head:
 
 
 class RequestHead(_Head):
-    __slots__ = ("_hosts", "method", "target")
+    __slots__ = ("_forwarding", "_hosts", "method", "target")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers,
                  raw: bytes | None = None) -> None:
         self.method = method
         self.target = target
         self._hosts: list[str] | None = None
+        self._forwarding: bool | None = None
         if raw is None:
             self._init(_render(f"{method} {target} {version}", headers), version, headers)
         else:
@@ -256,15 +261,16 @@ class RequestHead(_Head):
 
     @property
     def has_forwarding(self) -> bool:
-        """Whether the visitor sent forwarding headers of its own (possibly: a cheap check)."""
-        if self._framing is not None:  # taken by _h1c, which leaves such heads to Python
-            return False
+        """Whether the visitor sent fields `is_forwarding_field` names (on a clean head: exactly;
+        else possibly, and `render_request_head` checks each field)."""
+        if self._forwarding is not None:  # _h1c looked: it leaves such heads to Python
+            return self._forwarding
         low = self._low
-        # Also the underscore spellings, which CGI/WSGI servers read as the same header.
-        return (
-            b"\r\nx-forwarded-" in low or b"\r\nx_forwarded_" in low or b"\r\nforwarded:" in low
-            or b"\r\nx-real-ip:" in low or b"\r\nx_real_ip:" in low
-        )
+        if b"\r\nx" not in low and b"\r\nforwarded:" not in low:
+            return False
+        dashed = low.replace(b"_", b"-")
+        return b"\r\nx-forwarded-" in dashed or b"\r\nx-real-ip:" in dashed or \
+            b"\r\nforwarded:" in dashed
 
 
 def _is_absolute(target: str) -> bool:
@@ -385,6 +391,7 @@ def _fast_request(head: bytes, method: str, target: str, version: str, host: str
     request.method = method
     request.target = target
     request._hosts = [host]
+    request._forwarding = False
     request._init(head, version, None)
     request._keep = keep_alive
     request._framing = _length_framing(length) if length > 0 else NO_BODY
@@ -682,7 +689,7 @@ def render_request_head(request: RequestHead, extra: list[tuple[str, str]] | byt
         return request.raw[:-2] + added + b"\r\n"
     lines = [f"{request.method} {request.target} {request.version}"]
     for name, value in request.headers:
-        if name.lower().replace("_", "-") in FORWARDING_HEADERS:
+        if is_forwarding_field(name):
             continue
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n").encode("latin-1") + added + b"\r\n"
