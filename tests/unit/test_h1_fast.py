@@ -156,6 +156,22 @@ def test_common_heads_take_the_fast_path() -> None:
         ("HTTP/1.1", 200, "OK", 0, 1024, True)
     assert FAST.response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
                          b"Connection: close\r\n\r\n") == ("HTTP/1.1", 200, "OK", 1, -1, False)
+    # What browsers and frameworks send and answer (Chrome's head for a page, an Express answer).
+    browser = (
+        b"GET /app/?q=caf%C3%A9 HTTP/1.1\r\nHost: app.example.com\r\nConnection: keep-alive\r\n"
+        b'sec-ch-ua: "Chromium";v="131", "Not_A Brand";v="24"\r\nsec-ch-ua-mobile: ?0\r\n'
+        b"Upgrade-Insecure-Requests: 1\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n"
+        b"Accept: text/html,application/xhtml+xml;q=0.9,*/*;q=0.8\r\nSec-Fetch-Site: none\r\n"
+        b"Accept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: fr-FR,fr;q=0.9\r\n"
+        b"Cookie: session=a1b2; theme=dark\r\nIf-None-Match: W/\"5e-abc\"\r\n\r\n"
+    )
+    assert FAST.request(browser) == \
+        ("GET", "/app/?q=caf%C3%A9", "HTTP/1.1", "app.example.com", -1, True)
+    assert FAST.response(
+        b"HTTP/1.1 200 OK\r\nX-Powered-By: Express\r\nContent-Type: text/html; charset=utf-8\r\n"
+        b"Set-Cookie: session=a1b2; Path=/; HttpOnly\r\nDate: Thu, 26 Nov 2026 06:00:00 GMT\r\n"
+        b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ) == ("HTTP/1.1", 200, "OK", 1, -1, True)
     # Left to Python: what needs its checks or its rewriting.
     for head in (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
                  b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
