@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from weft_http import h1
+from weft_http import h1, vhost
 
 FAST = h1._h1c
 
@@ -241,3 +241,29 @@ def test_every_pair_of_framing_fields_reads_the_same(monkeypatch: pytest.MonkeyP
         ):
             fast, reference = both(describe, head, monkeypatch)
             assert fast == reference, head
+
+
+@pytest.mark.parametrize(("fast", "env", "said"), [
+    (object(), None, None),
+    (None, None, "is not built"),
+    (None, "0", "WEFT_HTTP_FAST=0"),
+])
+def test_the_server_says_when_heads_are_read_without_the_compiled_pass(
+    fast: object, env: str | None, said: str | None, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(h1, "_h1c", fast)
+    if env is None:
+        monkeypatch.delenv("WEFT_HTTP_FAST", raising=False)
+    else:
+        monkeypatch.setenv("WEFT_HTTP_FAST", env)
+    vhost.note_head_pass.cache_clear()
+    caplog.set_level("INFO", logger="weft.http")
+    vhost.note_head_pass()
+    vhost.note_head_pass()  # once per process
+    messages = [r.getMessage() for r in caplog.records if r.name == "weft.http"]
+    vhost.note_head_pass.cache_clear()
+    if said is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and said in messages[0], messages

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -31,6 +33,19 @@ NOT_FOUND = "404 Not Found: no service is published under this name here.\n"
 
 # token -> key authorization, for HTTP-01 challenges in flight (filled by the ACME client)
 CHALLENGES: dict[str, str] = {}
+
+
+@functools.cache
+def note_head_pass() -> None:
+    """Say once, when the first listener opens, if request heads are read without `_h1c`."""
+    if h1._h1c is not None:
+        return
+    if os.environ.get("WEFT_HTTP_FAST") == "0":
+        log.info("virtual hosts: WEFT_HTTP_FAST=0: every head is read by the Python path")
+        return
+    log.warning("virtual hosts: weft_http's compiled head pass (_h1c) is not built, so every "
+                "request is read by the Python path, at about a third more CPU per request; "
+                "install gcc and python3-dev, then reinstall weft-http")
 
 
 @attrs.frozen
@@ -198,6 +213,7 @@ class Site:
 
     async def ensure_http(self) -> None:
         if self.http_server is None:
+            note_head_pass()
             sock = self._listen(self.limits.http_port)
             self.http_server = await asyncio.get_running_loop().create_server(
                 lambda: Session(self, False), sock=sock,
@@ -207,6 +223,7 @@ class Site:
 
     async def ensure_https(self) -> None:
         if self.https_server is None:
+            note_head_pass()
             sock = self._listen(self.limits.https_port)
             base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             base.minimum_version = ssl.TLSVersion.TLSv1_2
