@@ -167,42 +167,58 @@ static int keep_alive(const fields *f, int http10)
     return http10 ? f->keep_alive : !f->close;
 }
 
-static PyObject *request(PyObject *self, PyObject *arg)
+/* Where the first line ends (its CRLF), or 0 when it does not or is empty. */
+static Py_ssize_t first_line(const unsigned char *s, Py_ssize_t len)
+{
+    Py_ssize_t first = 0;
+    while (first + 1 < len && !(s[first] == '\r' && s[first + 1] == '\n')) first++;
+    return first + 1 < len ? first : 0;
+}
+
+/* Both readers return a new tuple, Py_None (not taken; a borrowed reference), or NULL with an
+ * exception set; `with_buffer` holds the caller's buffer around them. */
+typedef PyObject *(*reader)(const unsigned char *s, Py_ssize_t len);
+
+static PyObject *with_buffer(PyObject *arg, reader read)
 {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *s = view.buf;
-    Py_ssize_t len = view.len;
-    PyObject *result = NULL;
-    Py_ssize_t first = 0;
-    while (first + 1 < len && !(s[first] == '\r' && s[first + 1] == '\n')) first++;
-    if (first + 1 >= len || first == 0) goto plain;
+    PyObject *result = read(view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (result == Py_None) Py_INCREF(result);
+    return result;
+}
+
+static PyObject *read_request(const unsigned char *s, Py_ssize_t len)
+{
+    Py_ssize_t first = first_line(s, len);
+    if (first == 0) return Py_None;
     /* METHOD SP TARGET SP VERSION: exactly two spaces */
     Py_ssize_t sp1 = 0;
     while (sp1 < first && s[sp1] != ' ') sp1++;
     Py_ssize_t sp2 = sp1 + 1;
     while (sp2 < first && s[sp2] != ' ') sp2++;
-    if (sp2 >= first || memchr(s + sp2 + 1, ' ', first - sp2 - 1) != NULL) goto plain;
-    if (sp1 == 0) goto plain;
+    if (sp2 >= first || memchr(s + sp2 + 1, ' ', first - sp2 - 1) != NULL) return Py_None;
+    if (sp1 == 0) return Py_None;
     for (Py_ssize_t i = 0; i < sp1; i++)
-        if (!TCHAR[s[i]]) goto plain;
-    if (sp1 == 7 && memcmp(s, "CONNECT", 7) == 0) goto plain;
-    if (sp2 - sp1 < 2 || s[sp1 + 1] != '/') goto plain;
+        if (!TCHAR[s[i]]) return Py_None;
+    if (sp1 == 7 && memcmp(s, "CONNECT", 7) == 0) return Py_None;
+    if (sp2 - sp1 < 2 || s[sp1 + 1] != '/') return Py_None;
     for (Py_ssize_t i = sp1 + 1; i < sp2; i++)
-        if (s[i] <= 0x20 || s[i] == 0x7f) goto plain;
+        if (s[i] <= 0x20 || s[i] == 0x7f) return Py_None;
     Py_ssize_t vlen = first - sp2 - 1;
     const unsigned char *version = s + sp2 + 1;
     if (vlen != 8 || (memcmp(version, "HTTP/1.1", 8) != 0 && memcmp(version, "HTTP/1.0", 8) != 0))
-        goto plain;
+        return Py_None;
     fields f;
-    if (!scan_fields(s, first + 2, len, 1, &f)) goto plain;
-    if (f.other || f.codings || f.hosts != 1 || f.lengths > 1) goto plain;
+    if (!scan_fields(s, first + 2, len, 1, &f)) return Py_None;
+    if (f.other || f.codings || f.hosts != 1 || f.lengths > 1) return Py_None;
     long long length = -1;
     if (f.lengths) {
         length = plain_length(f.length, f.length_len);
-        if (length < 0) goto plain;
+        if (length < 0) return Py_None;
     }
-    result = Py_BuildValue(
+    return Py_BuildValue(
         "(s#N s# N L N)",
         (const char *)s, sp1,
         PyUnicode_DecodeLatin1((const char *)s + sp1 + 1, sp2 - sp1 - 1, NULL),
@@ -210,64 +226,51 @@ static PyObject *request(PyObject *self, PyObject *arg)
         PyUnicode_DecodeLatin1((const char *)f.host, f.host_len, NULL),
         length,
         PyBool_FromLong(keep_alive(&f, version[7] == '0')));
-    PyBuffer_Release(&view);
-    return result;
-plain:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
 }
 
-static PyObject *response(PyObject *self, PyObject *arg)
+static PyObject *read_response(const unsigned char *s, Py_ssize_t len)
 {
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *s = view.buf;
-    Py_ssize_t len = view.len;
-    PyObject *result = NULL;
-    Py_ssize_t first = 0;
-    while (first + 1 < len && !(s[first] == '\r' && s[first + 1] == '\n')) first++;
-    if (first + 1 >= len || first == 0) goto plain;
+    Py_ssize_t first = first_line(s, len);
+    if (first == 0) return Py_None;
     /* VERSION SP STATUS [SP REASON] (split at the first two spaces only) */
     Py_ssize_t sp1 = 0;
     while (sp1 < first && s[sp1] != ' ') sp1++;
-    if (sp1 >= first || sp1 < 7 || memcmp(s, "HTTP/1.", 7) != 0) goto plain;
+    if (sp1 >= first || sp1 < 7 || memcmp(s, "HTTP/1.", 7) != 0) return Py_None;
     Py_ssize_t sp2 = sp1 + 1;
     while (sp2 < first && s[sp2] != ' ') sp2++;
     Py_ssize_t digits = sp2 - sp1 - 1;
-    if (digits != 3) goto plain;  /* h1.py also takes 0200 and the like: left to it */
+    if (digits != 3) return Py_None;  /* h1.py also takes 0200 and the like: left to it */
     int status = 0;
     for (Py_ssize_t i = sp1 + 1; i < sp2; i++) {
-        if (s[i] < '0' || s[i] > '9') goto plain;
+        if (s[i] < '0' || s[i] > '9') return Py_None;
         status = status * 10 + (s[i] - '0');
     }
-    if (status < 200) goto plain;  /* interim answers and 101 are rare: h1.py's */
+    if (status < 200) return Py_None;  /* interim answers and 101 are rare: h1.py's */
     fields f;
-    if (!scan_fields(s, first + 2, len, 0, &f)) goto plain;
+    if (!scan_fields(s, first + 2, len, 0, &f)) return Py_None;
     int chunked = 0;
     if (f.codings) {
-        if (f.codings != 1 || !f.chunked) goto plain;
+        if (f.codings != 1 || !f.chunked) return Py_None;
         chunked = 1;
     }
     long long length = -1;
-    if (f.lengths > 1) goto plain;
+    if (f.lengths > 1) return Py_None;
     if (f.lengths) {
         length = plain_length(f.length, f.length_len);
-        if (length < 0) goto plain;
+        if (length < 0) return Py_None;
     }
     int http10 = (sp1 == 8 && memcmp(s, "HTTP/1.0", 8) == 0);
     PyObject *reason = sp2 < first
         ? PyUnicode_DecodeLatin1((const char *)s + sp2 + 1, first - sp2 - 1, NULL)
         : PyUnicode_FromStringAndSize("", 0);
-    result = Py_BuildValue(
+    return Py_BuildValue(
         "(N i N i L N)",
         PyUnicode_DecodeLatin1((const char *)s, sp1, NULL),
         status, reason, chunked, length, PyBool_FromLong(keep_alive(&f, http10)));
-    PyBuffer_Release(&view);
-    return result;
-plain:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
 }
+
+static PyObject *request(PyObject *self, PyObject *arg) { return with_buffer(arg, read_request); }
+static PyObject *response(PyObject *self, PyObject *arg) { return with_buffer(arg, read_response); }
 
 static PyMethodDef methods[] = {
     {"request", request, METH_O, "The common request head in one pass, or None (see h1.py)."},
