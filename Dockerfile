@@ -15,8 +15,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY weft_core ./weft_core
 COPY plugins ./plugins
-# gcc only while installing: it builds weft_http's compiled fast path (optional; about a quarter
-# less CPU per proxied HTTP request in bench/bench_http.py's quiet runs), then goes.
+# gcc only while installing: it builds weft_http's compiled fast path (optional; a sixth to a
+# third less CPU per proxied HTTP request in bench/bench_http.py), then goes.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . ./plugins/weft_tcp ./plugins/weft_udp ./plugins/weft_http \

@@ -44,7 +44,7 @@ def note_head_pass() -> None:
         log.info("virtual hosts: WEFT_HTTP_FAST=0: every head is read by the Python path")
         return
     log.warning("virtual hosts: weft_http's compiled head pass (_h1c) is not built, so every "
-                "request is read by the Python path, at a quarter to a half more CPU each; "
+                "request is read by the Python path, at a fifth to a half more CPU each; "
                 "install gcc and python3-dev, then reinstall weft-http")
 
 
