@@ -27,6 +27,7 @@ class Side(asyncio.Protocol):
         self.peer: Side | None = None
         self.pending: list[bytes] = []
         self.dialling: asyncio.Task[None] | None = None
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -42,6 +43,7 @@ class Side(asyncio.Protocol):
             self.pending.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
 
@@ -58,6 +60,9 @@ async def main(listen: str, port: int, target: str, target_port: int) -> None:
             except OSError:
                 if side.transport is not None:
                     side.transport.close()
+                return
+            if side.closed:  # the visitor left while we dialled
+                upstream.transport.close()  # type: ignore[union-attr]
                 return
             upstream.peer, side.peer = side, upstream
             for data in side.pending:

@@ -406,3 +406,17 @@ def test_a_response_with_a_malformed_coding_is_a_bad_gateway() -> None:
     with pytest.raises(h1.ParseError) as err:
         h1.response_body(response, "GET")
     assert err.value.status == 502
+
+
+@pytest.mark.parametrize("trailer", [b"X-Forwarded-For: 6.6.6.6", b"x_real-ip: 6.6.6.6",
+                                     b"Forwarded: for=6.6.6.6", b"X-Forwarded-Proto: https"])
+def test_forwarding_fields_in_a_visitors_trailers_are_refused(trailer: bytes) -> None:
+    body = b"5\r\nhello\r\n0\r\n" + trailer + b"\r\n\r\n"
+    with pytest.raises(h1.ParseError) as caught:
+        h1.BodyTracker(h1.CHUNKED, visitor=True).feed(body)
+    assert caught.value.status == 400 and "forwarding" in caught.value.message
+    # Other trailers pass, and so does anything in an answer's trailers (not the visitor's).
+    benign = b"5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n"
+    assert h1.BodyTracker(h1.CHUNKED, visitor=True).feed(benign) == len(benign)
+    tracker = h1.BodyTracker(h1.CHUNKED)
+    assert tracker.feed(body) == len(body) and tracker.done

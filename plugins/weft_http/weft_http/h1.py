@@ -532,15 +532,18 @@ class BodyTracker:
 
     `feed(data)` returns how many leading bytes of `data` belong to the body; once `done`, the
     rest belongs to the next message. Chunked bodies are checked as they pass (sizes, CRLFs,
-    trailers) and forwarded unchanged.
+    trailers) and forwarded unchanged. `visitor`: the body of a visitor's request, whose trailers
+    may not carry forwarding fields either (a backend that merges trailers into the head would
+    read them as Weft's).
     """
 
     # Whole chunks that arrived in one read (`HEX CRLF data CRLF`) are stepped over in one go;
     # False sends every line through the line-by-line checks (the tests compare the two).
     fast_chunks = True
 
-    def __init__(self, framing: Framing) -> None:
+    def __init__(self, framing: Framing, visitor: bool = False) -> None:
         self.framing = framing
+        self.visitor = visitor
         self.done = framing.kind == "none" or (framing.kind == "length" and framing.length == 0)
         self._remaining = framing.length
         self._state = "size"  # chunked: size, data, data_end, trailer
@@ -645,7 +648,10 @@ class BodyTracker:
             self._trailer_bytes += len(raw) + 1
             if self._trailer_bytes > MAX_TRAILERS:
                 raise ParseError(400, "trailers too large")
-            _parse_headers([line], 400)  # a trailer field is a header line: the same checks
+            (name, _), = _parse_headers([line], 400)  # a trailer field is a header line
+            if self.visitor and is_forwarding_field(name):
+                raise ParseError(400, f"{name[:40]} in the trailers: forwarding fields are set "
+                                 "by Weft")
 
 
 # --- rewriting -----------------------------------------------------------------------------------

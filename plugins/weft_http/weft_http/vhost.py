@@ -732,7 +732,7 @@ class Session(asyncio.Protocol):
         framing = self.framing
         tracker: h1.BodyTracker | None = None
         if framing.kind != "none":
-            tracker = h1.BodyTracker(framing)
+            tracker = h1.BodyTracker(framing, visitor=True)
             if self.buf:
                 chunk = bytes(self.buf)
                 self.buf.clear()
