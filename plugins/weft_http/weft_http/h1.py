@@ -20,11 +20,13 @@ import attrs
 
 from weft_core.urls import HostNameError, ascii_host_name
 
+# WEFT_HTTP_FAST=0: every head on the Python path, to compare or to rule the compiled pass out.
+FAST_OFF = os.environ.get("WEFT_HTTP_FAST") == "0"
 try:  # the compiled fast path for common heads (_h1c.c); without it, the same in Python
     from weft_http import _h1c
 except ImportError:  # pragma: no cover - a build without a C compiler
     _h1c = None  # type: ignore[assignment]
-if os.environ.get("WEFT_HTTP_FAST") == "0":  # to compare, or to rule it out when chasing a bug
+if FAST_OFF:
     _h1c = None  # type: ignore[assignment]
 
 MAX_HEAD = 32 * 1024

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import functools
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -40,7 +39,7 @@ def note_head_pass() -> None:
     """Say once, when the first listener opens, if request heads are read without `_h1c`."""
     if h1._h1c is not None:
         return
-    if os.environ.get("WEFT_HTTP_FAST") == "0":
+    if h1.FAST_OFF:
         log.info("virtual hosts: WEFT_HTTP_FAST=0: every head is read by the Python path")
         return
     log.warning("virtual hosts: weft_http's compiled head pass (_h1c) is not built, so every "
